@@ -1,0 +1,1 @@
+target_sources(_core PRIVATE ${CMAKE_CURRENT_LIST_DIR}/bind_cp_als.cpp)

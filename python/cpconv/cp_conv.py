@@ -1,0 +1,323 @@
+"""``CPConv2d``: a drop-in replacement for ``nn.Conv2d`` holding a rank-R CP decomposition of its kernel.
+
+The kernel K (N x C/G x kh x kw) is represented as
+
+    K[n, c, i, j] = sum_r U[n, r] * S[c, r] * Y[i, r] * X[j, r]
+
+and applied as four cheap stages (Lebedev et al. 2015):
+
+1. grouped 1x1 conv C -> R with S (no bias)
+2. depthwise kh x 1 conv with Y, carrying the vertical stride, padding and dilation
+3. depthwise 1 x kw conv with X, carrying the horizontal stride, padding and dilation
+4. grouped 1x1 conv R -> N with U, plus the bias
+
+Factor layouts (``r`` is the global rank index; with ``groups = G`` rank ``r`` belongs to group
+``r // (R/G)``):
+
+- ``out_factor``  U: N x R/G     (row n uses the ranks of n's group)
+- ``in_factor``   S: C/G x R
+- ``vert_factor`` Y: kh x R
+- ``horz_factor`` X: kw x R
+
+For ``groups == 1`` these are exactly the mode-0..3 factor matrices of a CP decomposition of K.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_args import ConvGeometry, IntOrPair, pair
+
+__all__ = ["CPConv2d"]
+
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _check_rank(rank, groups: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        try:
+            rank = operator.index(rank)
+        except TypeError:
+            raise TypeError(f"rank must be an int, got {rank!r}") from None
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if rank % groups:
+        raise ValueError(f"rank={rank} must be divisible by groups={groups} (the rank is split evenly over the groups)")
+    return int(rank)
+
+
+class CPConv2d(nn.Module):
+    """A 2-D convolution whose kernel is a rank-``rank`` CP decomposition, run as four stages.
+
+    The constructor mirrors :class:`torch.nn.Conv2d` (every form of ``kernel_size``, ``stride``,
+    ``padding`` — including ``"same"`` and ``"valid"`` —, ``dilation``, ``groups``, ``bias`` and
+    ``padding_mode``), plus ``rank``: the total CP rank, split evenly over the groups.
+
+    The output always equals ``F.conv2d`` (with the same geometry and padding mode) applied with the
+    reconstructed dense kernel :meth:`dense_weight`, up to floating-point rounding.
+
+    Raises
+    ------
+    ValueError
+        ``rank < 1``, ``rank`` not divisible by ``groups``, a non-positive size, channels not
+        divisible by ``groups``, an unknown padding or padding mode.
+    TypeError
+        Arguments of the wrong type.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        rank: int,
+        stride: IntOrPair = 1,
+        padding: Union[str, IntOrPair] = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        geometry = ConvGeometry.create(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        self.rank = _check_rank(rank, geometry.groups)
+        self.in_channels = geometry.in_channels
+        self.out_channels = geometry.out_channels
+        self.kernel_size = geometry.kernel_size
+        self.stride = geometry.stride
+        self.padding = geometry.padding
+        self.dilation = geometry.dilation
+        self.groups = geometry.groups
+        self.padding_mode = geometry.padding_mode
+        self._geometry = geometry
+        # Filled by ``from_conv`` (rank selection details, CP error); ``None`` for a layer built by hand.
+        self.decomposition_info: Optional[dict] = None
+
+        kw = dict(device=device, dtype=dtype)
+        g, r = self.groups, self.rank
+        kh, kwid = self.kernel_size
+        self.out_factor = nn.Parameter(torch.empty(out_channels, r // g, **kw))
+        self.in_factor = nn.Parameter(torch.empty(in_channels // g, r, **kw))
+        self.vert_factor = nn.Parameter(torch.empty(kh, r, **kw))
+        self.horz_factor = nn.Parameter(torch.empty(kwid, r, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    def reset_parameters(self) -> None:
+        """Random factors whose reconstructed kernel has the variance of ``nn.Conv2d``'s default init."""
+        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        # nn.Conv2d draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in). A sum of R/G products
+        # of four independent zero-mean factors has variance (R/G) * prod(var_f): split it evenly.
+        target_var = 1.0 / (3.0 * fan_in)
+        factor_std = (target_var / (self.rank // self.groups)) ** 0.125
+        with torch.no_grad():
+            for p in (self.out_factor, self.in_factor, self.vert_factor, self.horz_factor):
+                p.normal_(0.0, factor_std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_factors(
+        cls,
+        factors: Sequence[torch.Tensor],
+        bias: Optional[torch.Tensor] = None,
+        *,
+        weights: Optional[torch.Tensor] = None,
+        stride: IntOrPair = 1,
+        padding: Union[str, IntOrPair] = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> "CPConv2d":
+        """Build a layer from given CP factors ``(U, S, Y, X)`` in the kernel's mode order.
+
+        Parameters
+        ----------
+        factors
+            ``U`` (N x R/G), ``S`` (C/G x R), ``Y`` (kh x R), ``X`` (kw x R); tensors or arrays.
+        bias
+            Optional (N,) bias.
+        weights
+            Optional CP weights (R,) (the lambda of a normalised decomposition), folded into ``U``.
+        stride, padding, dilation, groups, padding_mode
+            As for :class:`torch.nn.Conv2d`.
+        """
+        if not isinstance(factors, (list, tuple)) or len(factors) != 4:
+            raise ValueError(f"factors must be a sequence (U, S, Y, X) of 4 matrices, got {type(factors).__name__}"
+                             + (f" of length {len(factors)}" if hasattr(factors, "__len__") else ""))
+        U, S, Y, X = (torch.as_tensor(f) for f in factors)
+        for name, f in zip("USYX", (U, S, Y, X)):
+            if f.dim() != 2:
+                raise ValueError(f"factor {name} must be a matrix, got shape {tuple(f.shape)}")
+            if not f.is_floating_point():
+                raise TypeError(f"factor {name} must be floating point, got {f.dtype}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        rank = S.shape[1]
+        if Y.shape[1] != rank or X.shape[1] != rank:
+            raise ValueError(
+                f"S, Y and X must have the same number of columns (the rank); got {S.shape[1]}, {Y.shape[1]}, {X.shape[1]}"
+            )
+        if rank % groups or U.shape[1] * groups != rank:
+            raise ValueError(
+                f"U must have rank/groups = {rank}/{groups} columns, got shape {tuple(U.shape)}"
+            )
+        layer = cls(
+            S.shape[0] * groups, U.shape[0], (Y.shape[0], X.shape[0]), rank,
+            stride=stride, padding=padding, dilation=dilation, groups=groups,
+            bias=bias is not None, padding_mode=padding_mode, device=S.device, dtype=S.dtype,
+        )
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=U.dtype, device=U.device)
+            if weights.shape != (rank,):
+                raise ValueError(f"weights must have shape ({rank},), got {tuple(weights.shape)}")
+            U = U * weights.reshape(groups, rank // groups)[torch.arange(U.shape[0]) // (U.shape[0] // groups)]
+        with torch.no_grad():
+            layer.out_factor.copy_(U)
+            layer.in_factor.copy_(S)
+            layer.vert_factor.copy_(Y)
+            layer.horz_factor.copy_(X)
+            if bias is not None:
+                bias = torch.as_tensor(bias)
+                if bias.shape != (U.shape[0],):
+                    raise ValueError(f"bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}")
+                layer.bias.copy_(bias)
+        return layer
+
+    # ------------------------------------------------------------------ dense view
+    @property
+    def factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The factors ``(U, S, Y, X)`` in the kernel's mode order (see the module docstring)."""
+        return self.out_factor, self.in_factor, self.vert_factor, self.horz_factor
+
+    def dense_weight(self) -> torch.Tensor:
+        """The reconstructed kernel, shape (N, C/G, kh, kw), differentiable in the factors."""
+        g, rg = self.groups, self.rank // self.groups
+        n_g = self.out_channels // g
+        c_g = self.in_channels // g
+        kh, kw = self.kernel_size
+        U = self.out_factor.reshape(g, n_g, rg)
+        S = self.in_factor.reshape(c_g, g, rg)
+        Y = self.vert_factor.reshape(kh, g, rg)
+        X = self.horz_factor.reshape(kw, g, rg)
+        return torch.einsum("gnr,cgr,igr,jgr->gncij", U, S, Y, X).reshape(self.out_channels, c_g, kh, kw)
+
+    def to_conv(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same geometry whose kernel is :meth:`dense_weight`."""
+        p = self.out_factor
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, bias=self.bias is not None,
+            device=p.device, dtype=p.dtype, **self._geometry.conv_kwargs(),
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------------------ costs
+    def output_size(self, input_hw: IntOrPair) -> Tuple[int, int]:
+        """Output (H', W') for an input of spatial size ``input_hw``."""
+        return self._geometry.output_size(pair(input_hw, "input_hw", 1))
+
+    def flops(self, input_hw: IntOrPair) -> int:
+        """Multiply-adds of the four stages for one image of spatial size ``input_hw`` (H, W)."""
+        h, w = pair(input_hw, "input_hw", 1)
+        oh, ow = self.output_size((h, w))
+        r, g = self.rank, self.groups
+        kh, kw = self.kernel_size
+        return (r * (self.in_channels // g) * h * w + r * kh * oh * w + r * kw * oh * ow
+                + (self.out_channels // g) * r * oh * ow)
+
+    def dense_flops(self, input_hw: IntOrPair) -> int:
+        """Multiply-adds of the equivalent dense convolution for one image of spatial size ``input_hw``."""
+        oh, ow = self.output_size(input_hw)
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw * oh * ow
+
+    def parameter_count(self) -> int:
+        """Number of parameters (four factors and the bias)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_parameter_count(self) -> int:
+        """Number of parameters of the equivalent ``nn.Conv2d`` (kernel and bias)."""
+        kh, kw = self.kernel_size
+        n_bias = self.out_channels if self.bias is not None else 0
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw + n_bias
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"CPConv2d expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(
+                f"CPConv2d expects a 4-D (N, C, H, W) or 3-D (C, H, W) input, got shape {tuple(x.shape)}"
+            )
+        channels = x.shape[-3]
+        if channels != self.in_channels:
+            raise ValueError(
+                f"CPConv2d expects {self.in_channels} input channels, got input of shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point() and not x.is_complex():
+            raise TypeError(f"CPConv2d expects a floating-point input, got {x.dtype}")
+
+    def _stage_padding(self) -> Tuple[Optional[Tuple[int, int, int, int]], Tuple[int, int]]:
+        """(explicit pre-padding for F.pad or None, symmetric zero padding for the depthwise stages)."""
+        top, bottom, left, right = self._geometry.explicit_padding()
+        if self.padding_mode == "zeros" and top == bottom and left == right:
+            return None, (top, left)
+        return (left, right, top, bottom), (0, 0)
+
+    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The four stages with torch's own convolutions (autograd, any device and dtype)."""
+        pre_pad, (ph, pw) = self._stage_padding()
+        if pre_pad is not None:
+            x = F.pad(x, pre_pad, mode=_PAD_MODE[self.padding_mode])
+        r, g = self.rank, self.groups
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        x = F.conv2d(x, self.in_factor.t().reshape(r, self.in_channels // g, 1, 1), groups=g)
+        x = F.conv2d(x, self.vert_factor.t().reshape(r, 1, kh, 1), stride=(sh, 1), padding=(ph, 0),
+                     dilation=(dh, 1), groups=r)
+        x = F.conv2d(x, self.horz_factor.t().reshape(r, 1, 1, kw), stride=(1, sw), padding=(0, pw),
+                     dilation=(1, dw), groups=r)
+        return F.conv2d(x, self.out_factor.reshape(self.out_channels, r // g, 1, 1), self.bias, groups=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        y = self._forward_stages(x)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
