@@ -1,0 +1,77 @@
+// The fused kernel for AVX-512 (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma; only
+// called when the CPU supports it). GEMM microkernel: 8 rows of A (broadcast) x up to 48 columns
+// (3 zmm) of B, 24 accumulators; column tails by masked loads/stores.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "fused/cp_conv_fused.h"
+
+namespace cpconv::fused::avx512_impl {
+namespace {
+
+template <int NV>
+inline void microkernel_8xNV(int64_t K, const float* __restrict a, const float* __restrict b, int64_t ldb,
+                             float* __restrict c, int64_t ldc, int64_t mr, int64_t np,
+                             const float* __restrict row_bias) {
+    __m512 acc[8][NV];
+    __mmask16 mask[NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 3
+        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) {
+        const int64_t rem = np - 16 * j;
+        mask[j] = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 bv[NV];
+#pragma GCC unroll 3
+        for (int j = 0; j < NV; ++j) bv[j] = _mm512_maskz_loadu_ps(mask[j], b + k * ldb + 16 * j);
+        const float* ak = a + k * 8;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+            const __m512 av = _mm512_set1_ps(ak[i]);
+#pragma GCC unroll 3
+            for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+        if (i >= mr) break;
+        const __m512 bias = _mm512_set1_ps(row_bias ? row_bias[i] : 0.0f);
+#pragma GCC unroll 3
+        for (int j = 0; j < NV; ++j)
+            _mm512_mask_storeu_ps(c + i * ldc + 16 * j, mask[j], _mm512_add_ps(acc[i][j], bias));
+    }
+}
+
+void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, const float* row_bias) {
+    // Columns outer: the K x 48 slice of B stays in L1/L2 while the panels of A stream past it.
+    for (int64_t p0 = 0; p0 < P; p0 += 48) {
+        const int64_t np = (P - p0) < 48 ? (P - p0) : 48;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const int64_t mr = (M - m0) < 8 ? (M - m0) : 8;
+            const float* a = A + m0 * K;
+            float* c = C + m0 * ldc + p0;
+            const float* bias = row_bias ? row_bias + m0 : nullptr;
+            if (np > 32)
+                microkernel_8xNV<3>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+            else if (np > 16)
+                microkernel_8xNV<2>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+            else
+                microkernel_8xNV<1>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+        }
+    }
+}
+
+#include "fused/cp_conv_fused_driver.inc"
+
+}  // namespace
+}  // namespace cpconv::fused::avx512_impl
+
+void cpconv::fused::f32_cpconv_fused__avx512(const FusedProblem& p) { avx512_impl::run_problem(p); }
