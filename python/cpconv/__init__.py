@@ -8,8 +8,9 @@ import torch  # noqa: F401  (must precede _core, see above)
 
 from . import _core  # noqa: F401
 from .cp_conv import CPConv2d
+from .fused import cp_conv2d_fused
 from .reference import cp_conv2d_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["CPConv2d", "cp_conv2d_reference", "__version__"]
+__all__ = ["CPConv2d", "cp_conv2d_fused", "cp_conv2d_reference", "__version__"]

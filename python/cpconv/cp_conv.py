@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_args import ConvGeometry, IntOrPair, pair
+from . import fused
 
 __all__ = ["CPConv2d"]
 
@@ -70,6 +71,11 @@ class CPConv2d(nn.Module):
     TypeError
         Arguments of the wrong type.
     """
+
+    #: Use the fused CPU kernel when applicable (see :meth:`forward`); set False to force the torch path.
+    use_fused: bool = True
+    #: Threads for the fused kernel; 0 means ``torch.get_num_threads()`` at call time.
+    fused_threads: int = 0
 
     def __init__(
         self,
@@ -299,12 +305,45 @@ class CPConv2d(nn.Module):
                      dilation=(1, dw), groups=r)
         return F.conv2d(x, self.out_factor.reshape(self.out_channels, r // g, 1, 1), self.bias, groups=g)
 
+    def _fused_applicable(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` runs the fused CPU kernel: CPU float32 and no gradient needed."""
+        if not (self.use_fused and fused.fused_enabled()):
+            return False
+        params = [p for p in (self.out_factor, self.in_factor, self.vert_factor, self.horz_factor, self.bias)
+                  if p is not None]
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused kernel (``torch.ops.cpconv.cp_conv2d``); other padding modes are applied first by F.pad."""
+        pre_pad, (ph, pw) = self._stage_padding()
+        if pre_pad is not None:
+            x = F.pad(x, pre_pad, mode=_PAD_MODE[self.padding_mode])
+        return torch.ops.cpconv.cp_conv2d(
+            x, self.in_factor, self.vert_factor, self.horz_factor, self.out_factor, self.bias,
+            list(self.stride), [ph, pw], list(self.dilation), self.groups, self.fused_threads, "auto",
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to a (B, C, H, W) or (C, H, W) input.
+
+        On CPU float32 when no gradient is needed (``torch.no_grad()``/``inference_mode()``, or no
+        parameter and no input requiring grad) this runs the fused kernel; otherwise the four torch
+        stages (:meth:`_forward_stages`). ``layer.use_fused = False`` or
+        :func:`cpconv.fused.fused_disabled` force the torch path; ``layer.fused_threads`` (0 = torch's
+        thread count) sets the fused kernel's threads.
+        """
         self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        y = self._forward_stages(x)
+        if self._fused_applicable(x):
+            y = self._forward_fused(x)
+        else:
+            y = self._forward_stages(x)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -1,0 +1,382 @@
+"""The fused CPU kernel for CP convolutions, and the torch custom op ``torch.ops.cpconv.cp_conv2d``.
+
+The C++ kernel (``csrc/fused``) runs all four CP stages in one pass over bands of output rows, keeping
+the R-channel intermediates in a per-thread buffer, on float32 NCHW tensors with zero padding. Its
+weights are *packed* once per weight version; :func:`packed_weights` keeps a cache keyed on the
+factor tensors' identity and version counters, so a parameter changed in place (optimizer step,
+``load_state_dict``) is repacked on the next call.
+
+The instruction set is chosen at run time from the CPU's features (``avx512``, ``avx2`` or
+``generic``); :func:`best_isa` tells which, :func:`supported_isas` lists the ones this CPU can run,
+and every entry point takes ``isa=`` to force one (tests run each in turn). The choice is logged once
+at DEBUG level on the ``cpconv.fused`` logger.
+
+:class:`cpconv.CPConv2d` calls the custom op on CPU float32 when no gradient is needed; inside
+:func:`fused_disabled` (or with ``layer.use_fused = False``) it keeps the torch path instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import weakref
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import _core
+from .conv_args import pair
+
+__all__ = [
+    "best_isa",
+    "supported_isas",
+    "pack_weights",
+    "packed_weights",
+    "clear_packed_weights_cache",
+    "cp_conv2d_fused",
+    "fused_stage_seconds",
+    "fused_disabled",
+    "fused_enabled",
+]
+
+_log = logging.getLogger("cpconv.fused")
+_ISAS = ("avx512", "avx2", "generic")
+
+
+def supported_isas() -> List[str]:
+    """The instruction sets the fused kernel can use on this CPU, best first (always ends with ``"generic"``)."""
+    return list(_core.fused.supported_isas())
+
+
+def best_isa() -> str:
+    """The instruction set ``isa="auto"`` selects on this CPU."""
+    return _core.fused.best_isa()
+
+
+_logged_isa = False
+
+
+def _resolve_isa(isa: Optional[str]) -> str:
+    global _logged_isa
+    if isa is None or isa == "auto":
+        if not _logged_isa:
+            _logged_isa = True
+            _log.debug("cpconv fused kernel: using %s (supported: %s)", best_isa(), ", ".join(supported_isas()))
+        return "auto"
+    if not isinstance(isa, str) or isa not in _ISAS:
+        raise ValueError(f"isa must be None, 'auto' or one of {_ISAS}, got {isa!r}")
+    if isa not in supported_isas():
+        raise ValueError(f"isa={isa!r} is not supported by this CPU; supported: {supported_isas()}")
+    return isa
+
+
+def _resolve_threads(threads: Optional[int]) -> int:
+    if threads is None or threads == 0:
+        return torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be None, 0 (= torch.get_num_threads()) or an int >= 1, got {threads!r}")
+    return threads
+
+
+def _factor_array(name: str, t: torch.Tensor) -> np.ndarray:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 for the fused kernel, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU for the fused kernel, got device {t.device}")
+    return t.detach().contiguous().numpy()
+
+
+def _check_factors(x_channels: Optional[int], U, S, Y, X, bias, groups: int) -> None:
+    for name, f in zip(("out_factor", "in_factor", "vert_factor", "horz_factor"), (U, S, Y, X)):
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
+        if f.dim() != 2:
+            raise ValueError(f"{name} must be a matrix, got shape {tuple(f.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    rank = S.shape[1]
+    if rank < 1 or rank % groups:
+        raise ValueError(f"the rank (columns of in_factor) must be a positive multiple of groups={groups}, got {rank}")
+    if Y.shape[1] != rank or X.shape[1] != rank:
+        raise ValueError(
+            f"in_factor, vert_factor and horz_factor must have the same number of columns (the rank); got "
+            f"{S.shape[1]}, {Y.shape[1]}, {X.shape[1]}"
+        )
+    if U.shape[1] * groups != rank or U.shape[0] % groups:
+        raise ValueError(
+            f"out_factor must have shape (N, rank/groups) = (N, {rank // groups}) with N divisible by groups={groups}, "
+            f"got {tuple(U.shape)}"
+        )
+    if x_channels is not None and S.shape[0] * groups != x_channels:
+        raise ValueError(
+            f"the input has {x_channels} channels but in_factor has shape {tuple(S.shape)} with groups={groups} "
+            f"(expected ({x_channels // groups if x_channels % groups == 0 else '?'}, R))"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (U.shape[0],):
+            raise ValueError(f"bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}")
+
+
+def pack_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None, *, groups: int = 1):
+    """Pack CP factors for the fused kernel (no caching; see :func:`packed_weights`).
+
+    Parameters
+    ----------
+    factors
+        ``(U, S, Y, X)``: U (N x R/G), S (C/G x R), Y (kh x R), X (kw x R), float32 CPU tensors.
+    bias
+        Optional (N,) float32 bias.
+    groups
+        Number of groups G.
+
+    Returns
+    -------
+    cpconv._core.fused.PackedWeights
+        An opaque object for :func:`cp_conv2d_fused` (``packed=``); ``.nbytes`` is its size.
+
+    Raises
+    ------
+    TypeError
+        A factor that is not a float32 tensor.
+    ValueError
+        Inconsistent shapes, a tensor not on the CPU.
+    """
+    if not isinstance(factors, (list, tuple)) or len(factors) != 4:
+        raise ValueError("factors must be a sequence (U, S, Y, X) of 4 matrices")
+    U, S, Y, X = factors
+    _check_factors(None, U, S, Y, X, bias, groups)
+    arrays = [_factor_array(n, t) for n, t in zip(("in_factor", "vert_factor", "horz_factor", "out_factor"), (S, Y, X, U))]
+    return _core.fused.pack(*arrays, None if bias is None else _factor_array("bias", bias), groups)
+
+
+class _PackedWeightsCache:
+    """Packed weights keyed on the factor tensors' identity, storage pointer, shape and ``_version``."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+
+    @staticmethod
+    def _state(tensors) -> Optional[tuple]:
+        try:
+            return tuple(
+                None if t is None else (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in tensors
+            )
+        except RuntimeError:  # inference tensors have no version counter: never cached
+            return None
+
+    def get(self, tensors: tuple, groups: int):
+        key = tuple(id(t) for t in tensors) + (groups,)
+        state = self._state(tensors)
+        if state is not None:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    refs, old_state, packed = entry
+                    if old_state == state and all(
+                        (r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors)
+                    ):
+                        self._entries.move_to_end(key)
+                        return packed
+        U, S, Y, X, bias = tensors
+        packed = pack_weights((U, S, Y, X), bias, groups=groups)
+        if state is not None:
+            refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+            with self._lock:
+                self._entries[key] = (refs, state, packed)
+                self._entries.move_to_end(key)
+                while len(self._entries) > self._max_entries:
+                    self._entries.popitem(last=False)
+        return packed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_PACKED_CACHE = _PackedWeightsCache()
+
+
+def packed_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor] = None, *, groups: int = 1):
+    """Like :func:`pack_weights`, but cached per weight version.
+
+    The cache is keyed on the tensors' identity and checked against their version counters, storage
+    pointers and shapes, so in-place changes (``optimizer.step()``, ``load_state_dict``) or a swapped
+    ``.data`` cause a repack. Inference-mode tensors (no version counter) are packed on every call.
+    """
+    U, S, Y, X = factors
+    return _PACKED_CACHE.get((U, S, Y, X, bias), groups)
+
+
+def clear_packed_weights_cache() -> None:
+    """Drop every cached packed-weights object."""
+    _PACKED_CACHE.clear()
+
+
+def _output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> Tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"the input {h}x{w} with padding {tuple(padding)} is smaller than the dilated kernel "
+            f"{(kh - 1) * dilation[0] + 1}x{(kw - 1) * dilation[1] + 1}"
+        )
+    return oh, ow
+
+
+def _check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+
+
+def _run(x, U, S, Y, X, bias, stride, padding, dilation, groups, threads, isa, packed, profile=False):
+    _check_input(x)
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32 for the fused kernel, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be on the CPU for the fused kernel, got device {x.device}")
+    _check_factors(x.shape[1], U, S, Y, X, bias, groups)
+    stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
+    isa = _resolve_isa(isa)
+    threads = _resolve_threads(threads)
+    oh, ow = _output_hw(x.shape[2], x.shape[3], Y.shape[0], X.shape[0], stride, padding, dilation)
+    if packed is None:
+        packed = packed_weights((U, S, Y, X), bias, groups=groups)
+    # channels_last (or any strided) input: the kernel reads NCHW, so convert.
+    xa = x.detach().contiguous().numpy()
+    y = torch.empty((x.shape[0], U.shape[0], oh, ow), dtype=torch.float32)
+    seconds = _core.fused.cp_conv2d(xa, packed, y.numpy(), stride, padding, dilation, threads, isa, profile)
+    return (y, seconds) if profile else y
+
+
+def cp_conv2d_fused(
+    x: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    threads: Optional[int] = None,
+    isa: Optional[str] = None,
+    packed=None,
+) -> torch.Tensor:
+    """CP convolution forward by the fused kernel (float32, CPU, symmetric zero padding, no autograd).
+
+    Parameters
+    ----------
+    x
+        (B, C, H, W) float32 CPU input, any memory format (channels_last is converted).
+    factors
+        ``(U, S, Y, X)`` with the layouts of :class:`cpconv.CPConv2d`: U (N x R/G), S (C/G x R),
+        Y (kh x R), X (kw x R).
+    bias
+        Optional (N,) bias.
+    stride, padding, dilation
+        Ints or pairs; ``padding`` is symmetric zero padding per axis.
+    groups
+        Number of groups G.
+    threads
+        OpenMP threads for this call; ``None`` or 0 means ``torch.get_num_threads()``.
+    isa
+        ``None``/``"auto"`` (best for this CPU), or ``"avx512"``, ``"avx2"``, ``"generic"`` to force one.
+    packed
+        Optional result of :func:`pack_weights` for these factors (else the per-version cache is used).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, N, H', W') float32, contiguous NCHW.
+
+    Raises
+    ------
+    TypeError
+        A tensor that is not float32.
+    ValueError
+        Inconsistent shapes, an input smaller than the dilated kernel, a non-CPU tensor, an unknown or
+        unsupported ``isa``, bad ``threads``.
+    """
+    if not isinstance(factors, (list, tuple)) or len(factors) != 4:
+        raise ValueError("factors must be a sequence (U, S, Y, X) of 4 matrices")
+    U, S, Y, X = factors
+    return _run(x, U, S, Y, X, bias, stride, padding, dilation, groups, threads, isa, packed)
+
+
+def fused_stage_seconds(x, factors, bias=None, *, stride=1, padding=0, dilation=1, groups=1, threads=None, isa=None):
+    """Run the fused kernel with its debug timers on and return ``(y, seconds)``.
+
+    ``seconds`` is a tuple of 4 floats: the time spent in stage 1, 2, 3 and 4, summed over threads
+    (measured inside the kernel around each stage of each band). For profiling, not for production.
+    """
+    U, S, Y, X = factors
+    return _run(x, U, S, Y, X, bias, stride, padding, dilation, groups, threads, isa, None, profile=True)
+
+
+# ---------------------------------------------------------------------------------------- custom op
+@torch.library.custom_op("cpconv::cp_conv2d", mutates_args=())
+def _cp_conv2d_op(
+    x: torch.Tensor,
+    in_factor: torch.Tensor,
+    vert_factor: torch.Tensor,
+    horz_factor: torch.Tensor,
+    out_factor: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    threads: int = 0,
+    isa: str = "auto",
+) -> torch.Tensor:
+    """``torch.ops.cpconv.cp_conv2d``: the fused CP convolution (see :func:`cp_conv2d_fused`).
+
+    Factor layouts as in :class:`cpconv.CPConv2d`; ``threads=0`` means ``torch.get_num_threads()``.
+    """
+    return _run(x, out_factor, in_factor, vert_factor, horz_factor, bias, tuple(stride), tuple(padding),
+                tuple(dilation), groups, threads, isa, None)
+
+
+@_cp_conv2d_op.register_fake
+def _cp_conv2d_fake(x, in_factor, vert_factor, horz_factor, out_factor, bias, stride, padding, dilation, groups,
+                    threads=0, isa="auto"):
+    _check_input(x)
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32 for the fused kernel, got {x.dtype}")
+    _check_factors(x.shape[1], out_factor, in_factor, vert_factor, horz_factor, bias, groups)
+    oh, ow = _output_hw(x.shape[2], x.shape[3], vert_factor.shape[0], horz_factor.shape[0],
+                        tuple(stride), tuple(padding), tuple(dilation))
+    return x.new_empty((x.shape[0], out_factor.shape[0], oh, ow))  # contiguous NCHW, like the kernel
+
+
+# ------------------------------------------------------------------------------------ on/off switch
+_switch = threading.local()
+
+
+def fused_enabled() -> bool:
+    """Whether :class:`cpconv.CPConv2d` may use the fused kernel in this thread (see :func:`fused_disabled`)."""
+    return getattr(_switch, "enabled", True)
+
+
+@contextlib.contextmanager
+def fused_disabled() -> Iterator[None]:
+    """Within this context (in the current thread) :class:`cpconv.CPConv2d` always runs the torch stages."""
+    previous = fused_enabled()
+    _switch.enabled = False
+    try:
+        yield
+    finally:
+        _switch.enabled = previous

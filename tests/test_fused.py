@@ -1,0 +1,392 @@
+"""The fused CP convolution kernel and its torch custom op, against two independent references.
+
+References: the plain C++ kernel (``cpconv.cp_conv2d_reference``, double accumulators) and
+``F.conv2d`` in float64 on the dense kernel reconstructed from the factors. Every failing case prints
+all of its parameters.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import random
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpconv
+from cpconv import CPConv2d, cp_conv2d_fused, cp_conv2d_reference
+from cpconv import fused
+
+ISAS = fused.supported_isas()
+TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    in_channels: int
+    out_channels: int
+    rank: int
+    groups: int
+    height: int
+    width: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    bias: bool
+    seed: int
+
+
+def make_tensors(case: Case):
+    gen = torch.Generator().manual_seed(case.seed)
+    g = case.groups
+    kh, kw = case.kernel
+    x = torch.randn(case.batch, case.in_channels, case.height, case.width, generator=gen)
+    U = torch.randn(case.out_channels, case.rank // g, generator=gen)
+    S = torch.randn(case.in_channels // g, case.rank, generator=gen)
+    Y = torch.randn(kh, case.rank, generator=gen)
+    X = torch.randn(kw, case.rank, generator=gen)
+    b = torch.randn(case.out_channels, generator=gen) if case.bias else None
+    return x, (U, S, Y, X), b
+
+
+def dense_conv_float64(case: Case, x, factors, bias):
+    """F.conv2d in float64 with the kernel sum_r U S Y X reconstructed per group."""
+    U, S, Y, X = (f.double() for f in factors)
+    g = case.groups
+    rg, ng, cg = case.rank // g, case.out_channels // g, case.in_channels // g
+    weight = torch.einsum(
+        "gnr,cgr,igr,jgr->gncij",
+        U.reshape(g, ng, rg), S.reshape(cg, g, rg), Y.reshape(-1, g, rg), X.reshape(-1, g, rg),
+    ).reshape(case.out_channels, cg, *case.kernel)
+    return F.conv2d(x.double(), weight, None if bias is None else bias.double(), stride=case.stride,
+                    padding=case.padding, dilation=case.dilation, groups=g)
+
+
+def relative_error(actual, expected) -> float:
+    scale = expected.abs().max().item()
+    return (actual.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
+
+
+def random_case(rng: random.Random, seed: int, big_rank: bool = False) -> Case:
+    groups = rng.choice([1, 1, 1, 2, 3])
+    kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+    dh, dw = rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2])
+    sh, sw = rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2, 3])
+    ph, pw = rng.randint(0, kh), rng.randint(0, kw)
+    if big_rank:  # ranks up to 512: few of them, spatially small, few channels
+        rank_per_group = rng.randint(100, 512 // groups)
+        cg, ng = rng.randint(1, 6), rng.randint(1, 20)
+        extra_h, extra_w = rng.randint(0, 5), rng.randint(0, 5)
+    else:
+        rank_per_group = rng.choice([rng.randint(1, 9), rng.randint(1, 40)])
+        cg, ng = rng.randint(1, 24), rng.randint(1, 40)
+        extra_h, extra_w = rng.randint(0, 20), rng.randint(0, 20)
+    height = max(1, dh * (kh - 1) + 1 - 2 * ph) + extra_h
+    width = max(1, dw * (kw - 1) + 1 - 2 * pw) + extra_w
+    return Case(
+        batch=rng.randint(1, 4), in_channels=cg * groups, out_channels=ng * groups, rank=rank_per_group * groups,
+        groups=groups, height=height, width=width, kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw),
+        dilation=(dh, dw), bias=rng.random() < 0.7, seed=seed,
+    )
+
+
+def check_case(case: Case, isa: str, threads: int) -> None:
+    x, factors, bias = make_tensors(case)
+    geometry = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+    actual = cp_conv2d_fused(x, factors, bias, threads=threads, isa=isa, **geometry)
+    reference = cp_conv2d_reference(x, factors, bias, **geometry)
+    dense = dense_conv_float64(case, x, factors, bias)
+    assert actual.shape == reference.shape == dense.shape, (case, isa, threads)
+    err_ref = relative_error(actual, reference)
+    err_dense = relative_error(actual, dense)
+    assert err_ref <= TOLERANCE and err_dense <= TOLERANCE, (
+        f"isa={isa} threads={threads} {case}: relative error {err_ref:.3g} vs the C++ reference, "
+        f"{err_dense:.3g} vs F.conv2d"
+    )
+
+
+CASES_PER_RUN = 170  # x (ISAs supported, up to 3) x (threads 1, 2): >= 1000 configurations on AVX-512 machines
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
+def test_random_configurations_match_references(isa, threads):
+    rng = random.Random(f"{isa}-{threads}")
+    for i in range(CASES_PER_RUN):
+        check_case(random_case(rng, seed=i, big_rank=(i % 40 == 0)), isa, threads)
+
+
+def tile_cases():
+    """Shapes around the microkernels' tiles: panel rows 8 (and 4), columns 8/16/24/32/48."""
+    seed = 0
+    for rank in (1, 7, 8, 9, 16, 17):
+        for out_channels in (1, 7, 8, 9, 25):
+            for width in (1, 7, 8, 15, 16, 17, 33, 47, 48, 49):
+                seed += 1
+                yield Case(1, 3, out_channels, rank, 1, 2, width, (1, 3), (1, 1), (0, 1), (1, 1), True, seed)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_tile_boundaries(isa):
+    for case in tile_cases():
+        check_case(case, isa, threads=1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_benchmark_like_layer(isa):
+    # AlexNet conv3 at rank 64: real channel counts, several bands per thread, two threads.
+    case = Case(1, 256, 384, 64, 1, 13, 13, (3, 3), (1, 1), (1, 1), (1, 1), True, 7)
+    check_case(case, isa, threads=2)
+    # Larger map with small bands: stage-1 row reuse across bands.
+    case = Case(2, 32, 48, 200, 1, 40, 37, (5, 3), (1, 1), (2, 1), (1, 1), True, 8)
+    check_case(case, isa, threads=1)
+
+
+def test_isa_selection_is_reported():
+    assert ISAS[-1] == "generic"
+    assert fused.best_isa() == ISAS[0]
+    assert set(ISAS) <= {"avx512", "avx2", "generic"}
+
+
+# ------------------------------------------------------------------------------------- custom op
+def op_args(case: Case, x, factors, bias, threads=1):
+    U, S, Y, X = factors
+    return (x, S, Y, X, U, bias, list(case.stride), list(case.padding), list(case.dilation), case.groups, threads,
+            "auto")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_opcheck(seed):
+    case = random_case(random.Random(seed), seed)
+    x, factors, bias = make_tensors(case)
+    torch.library.opcheck(torch.ops.cpconv.cp_conv2d.default, op_args(case, x, factors, bias))
+
+
+def test_op_matches_function_and_channels_last_input():
+    case = Case(2, 6, 10, 12, 2, 9, 11, (3, 3), (2, 1), (1, 1), (1, 2), True, 3)
+    x, factors, bias = make_tensors(case)
+    expected = cp_conv2d_reference(x, factors, bias, stride=case.stride, padding=case.padding,
+                                   dilation=case.dilation, groups=case.groups)
+    out = torch.ops.cpconv.cp_conv2d(*op_args(case, x, factors, bias))
+    assert relative_error(out, expected) <= TOLERANCE
+    out_cl = torch.ops.cpconv.cp_conv2d(*op_args(case, x.to(memory_format=torch.channels_last), factors, bias))
+    assert relative_error(out_cl, expected) <= TOLERANCE
+
+
+def test_bad_inputs_raise_clearly():
+    case = Case(1, 4, 6, 8, 1, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), True, 1)
+    x, (U, S, Y, X), bias = make_tensors(case)
+    with pytest.raises(TypeError, match="float32"):
+        cp_conv2d_fused(x.double(), (U, S, Y, X), bias)
+    with pytest.raises(TypeError, match="float32"):
+        cp_conv2d_fused(x, (U.double(), S, Y, X), bias)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.cpconv.cp_conv2d(x.half(), S, Y, X, U, bias, [1, 1], [1, 1], [1, 1], 1, 1, "auto")
+    with pytest.raises(ValueError, match="4-D"):
+        cp_conv2d_fused(x[0], (U, S, Y, X), bias)
+    with pytest.raises(ValueError, match="channels"):
+        cp_conv2d_fused(x[:, :3], (U, S, Y, X), bias)
+    with pytest.raises(ValueError, match="same number of columns"):
+        cp_conv2d_fused(x, (U, S, Y[:, :5], X), bias)
+    with pytest.raises(ValueError, match="out_factor"):
+        cp_conv2d_fused(x, (U[:, :3], S, Y, X), bias)
+    with pytest.raises(ValueError, match="bias"):
+        cp_conv2d_fused(x, (U, S, Y, X), bias[:2])
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        cp_conv2d_fused(x[:, :, :2], (U, S, Y, X), bias, padding=0)
+    with pytest.raises(ValueError, match="isa"):
+        cp_conv2d_fused(x, (U, S, Y, X), bias, isa="sse9")
+    with pytest.raises(ValueError, match="threads"):
+        cp_conv2d_fused(x, (U, S, Y, X), bias, threads=-1)
+    with pytest.raises(ValueError, match="groups"):
+        cp_conv2d_fused(x, (U, S, Y, X), bias, groups=3)
+    with pytest.raises(ValueError, match="stride"):
+        cp_conv2d_fused(x, (U, S, Y, X), bias, stride=0)
+    with pytest.raises(ValueError, match="padding"):
+        cp_conv2d_fused(x, (U, S, Y, X), bias, padding=-1)
+    with pytest.raises(ValueError, match="factors"):
+        cp_conv2d_fused(x, (U, S, Y), bias)
+    # The C++ binding itself rejects a mis-shaped output instead of writing past it.
+    packed = fused.pack_weights((U, S, Y, X), bias)
+    wrong = torch.empty(1, 6, 7, 6).numpy()
+    with pytest.raises(ValueError, match="y must have shape"):
+        cpconv._core.fused.cp_conv2d(x.numpy(), packed, wrong, (1, 1), (1, 1), (1, 1), 1, "auto")
+
+
+def test_concurrent_calls_from_python_threads_agree():
+    cases = [random_case(random.Random(100 + i), 100 + i) for i in range(8)]
+    inputs = [make_tensors(c) for c in cases]
+
+    def run(i):
+        c = cases[i]
+        x, factors, bias = inputs[i]
+        return cp_conv2d_fused(x, factors, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                               groups=c.groups, threads=2)
+
+    sequential = [run(i) for i in range(len(cases))]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            concurrent_results = list(pool.map(run, list(range(len(cases))) * 2))
+            for i, out in enumerate(concurrent_results):
+                assert torch.equal(out, sequential[i % len(cases)]), cases[i % len(cases)]
+
+
+# ---------------------------------------------------------------------------------------- CPConv2d
+def make_layer(**kwargs) -> CPConv2d:
+    torch.manual_seed(0)
+    args = dict(in_channels=6, out_channels=8, kernel_size=3, rank=10, padding=1)
+    args.update(kwargs)
+    return CPConv2d(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        dict(groups=2, stride=2, dilation=(1, 2), bias=False),
+        dict(padding="same", kernel_size=(4, 2)),  # asymmetric 'same': pre-padded
+        dict(padding_mode="reflect"),
+        dict(padding_mode="circular", padding=(2, 1)),
+        dict(padding_mode="replicate", kernel_size=(1, 3), padding=(0, 1)),
+        dict(padding="valid", kernel_size=(3, 5)),
+    ],
+)
+def test_layer_fused_path_matches_torch_path(kwargs):
+    layer = make_layer(**kwargs).eval()
+    x = torch.randn(3, 6, 11, 12)
+    with torch.no_grad():
+        assert layer._fused_applicable(x)
+        fused_out = layer(x)
+        unbatched = layer(x[0])
+        channels_last = layer(x.to(memory_format=torch.channels_last))
+        with fused.fused_disabled():
+            assert not layer._fused_applicable(x)
+            torch_out = layer(x)
+    assert relative_error(fused_out, torch_out) <= TOLERANCE
+    assert relative_error(unbatched, torch_out[0]) <= TOLERANCE
+    assert relative_error(channels_last, torch_out) <= TOLERANCE
+    # Training (gradient needed) keeps the torch path and agrees.
+    layer.train()
+    x.requires_grad_(True)
+    train_out = layer(x)
+    assert not layer._fused_applicable(x)
+    assert train_out.requires_grad
+    assert relative_error(train_out.detach(), fused_out) <= TOLERANCE
+
+
+def test_layer_path_choice():
+    layer = make_layer()
+    x = torch.randn(1, 6, 8, 8)
+    assert not layer._fused_applicable(x)  # parameters require grad and grad mode is on
+    with torch.no_grad():
+        assert layer._fused_applicable(x)
+        assert not layer._fused_applicable(x.double())
+        layer.use_fused = False
+        assert not layer._fused_applicable(x)
+    layer.use_fused = True
+    layer.requires_grad_(False)
+    assert layer._fused_applicable(x)  # nothing needs a gradient
+    with torch.inference_mode():
+        assert layer._fused_applicable(x)
+        out = layer(x)
+    with fused.fused_disabled():
+        expected = layer(x)
+    assert relative_error(out, expected) <= TOLERANCE
+    double_layer = make_layer().double()
+    with torch.no_grad():
+        assert not double_layer._fused_applicable(x.double())
+
+
+def test_packed_weights_refresh_after_parameter_changes():
+    fused.clear_packed_weights_cache()
+    layer = make_layer()
+    x = torch.randn(2, 6, 9, 9)
+
+    def check():
+        with torch.no_grad():
+            out = layer(x)
+            with fused.fused_disabled():
+                expected = layer(x)
+        assert relative_error(out, expected) <= TOLERANCE
+        return out
+
+    first = check()
+    assert len(fused._PACKED_CACHE) == 1
+    check()
+    assert len(fused._PACKED_CACHE) == 1  # same weight version: packed once
+    # An optimizer step changes the parameters in place.
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().mean().backward()
+    opt.step()
+    second = check()
+    assert not torch.allclose(first, second)
+    # load_state_dict copies into the existing parameters.
+    other = make_layer()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-2.0)
+    layer.load_state_dict(other.state_dict())
+    third = check()
+    assert relative_error(third, other.eval()(x).detach()) <= TOLERANCE
+    # Swapping .data (no version bump) is caught by the storage pointer.
+    with torch.no_grad():
+        layer.out_factor.data = layer.out_factor.data * 3.0
+    check()
+    # An in-place change of a single element.
+    with torch.no_grad():
+        layer.vert_factor[0, 0] += 1.0
+    check()
+
+
+# Importing inductor triggers torch's own deprecation of torch.jit.script_method (not ours).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_sees_the_op():
+    layer = make_layer(groups=2, stride=(1, 2)).eval()
+    x = torch.randn(2, 6, 10, 10)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
+        out = compiled(x)
+        inductor_out = torch.compile(layer)(x)
+    assert graphs and any(
+        "cpconv.cp_conv2d" in str(node.target) for gm in graphs for node in gm.graph.nodes
+    ), graphs[0].graph if graphs else None
+    assert relative_error(out, expected) <= TOLERANCE
+    assert relative_error(inductor_out, expected) <= TOLERANCE
+
+
+def test_torch_export_sees_one_op():
+    layer = make_layer(padding="same", kernel_size=3).eval()
+    x = torch.randn(1, 6, 9, 9)
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,))
+        expected = layer(x)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("cpconv.cp_conv2d.default") == 1, targets
+    assert relative_error(program.module()(x), expected) <= TOLERANCE
+
+
+def test_single_openmp_runtime_loaded():
+    libraries = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            name = path.rsplit("/", 1)[-1]
+            if re.match(r"lib(g?omp|iomp5)[-.0-9a-f]*\.so", name):
+                libraries.add(name)
+    gomp = {name for name in libraries if name.startswith("libgomp")}
+    assert len(gomp) == 1 and len(libraries) == 1, libraries
+    # and a fused call runs on it with several threads.
+    case = Case(1, 4, 4, 8, 1, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True, 5)
+    check_case(case, fused.best_isa(), threads=2)
