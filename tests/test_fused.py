@@ -302,8 +302,15 @@ def test_layer_path_choice():
         assert not double_layer._fused_applicable(x.double())
 
 
-def test_packed_weights_refresh_after_parameter_changes():
-    fused.clear_packed_weights_cache()
+def test_packed_weights_refresh_after_parameter_changes(monkeypatch):
+    packs = []
+    original_pack = fused.pack_weights
+
+    def counting_pack(*args, **kwargs):
+        packs.append(1)
+        return original_pack(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "pack_weights", counting_pack)
     layer = make_layer()
     x = torch.randn(2, 6, 9, 9)
 
@@ -316,9 +323,9 @@ def test_packed_weights_refresh_after_parameter_changes():
         return out
 
     first = check()
-    assert len(fused._PACKED_CACHE) == 1
+    assert len(packs) == 1
     check()
-    assert len(fused._PACKED_CACHE) == 1  # same weight version: packed once
+    assert len(packs) == 1  # same weight version: packed once
     # An optimizer step changes the parameters in place.
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     layer(x).square().mean().backward()
@@ -331,7 +338,9 @@ def test_packed_weights_refresh_after_parameter_changes():
         for p in other.parameters():
             p.mul_(-2.0)
     layer.load_state_dict(other.state_dict())
+    packs_before = len(packs)
     third = check()
+    assert len(packs) == packs_before + 1
     assert relative_error(third, other.eval()(x).detach()) <= TOLERANCE
     # Swapping .data (no version bump) is caught by the storage pointer.
     with torch.no_grad():
@@ -390,3 +399,18 @@ def test_single_openmp_runtime_loaded():
     # and a fused call runs on it with several threads.
     case = Case(1, 4, 4, 8, 1, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1), True, 5)
     check_case(case, fused.best_isa(), threads=2)
+
+
+def test_function_cache_refreshes_after_in_place_change():
+    fused.clear_packed_weights_cache()
+    case = Case(1, 4, 6, 8, 1, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), True, 11)
+    x, (U, S, Y, X), bias = make_tensors(case)
+    first = cp_conv2d_fused(x, (U, S, Y, X), bias, padding=1)
+    assert len(fused._PACKED_CACHE) == 1
+    cp_conv2d_fused(x, (U, S, Y, X), bias, padding=1)
+    assert len(fused._PACKED_CACHE) == 1
+    U.mul_(2.0)  # in place: same tensor object, new version
+    second = cp_conv2d_fused(x, (U, S, Y, X), bias, padding=1)
+    expected = cp_conv2d_reference(x, (U, S, Y, X), bias, padding=1)
+    assert relative_error(second, expected) <= TOLERANCE
+    assert not torch.allclose(first, second)

@@ -13,6 +13,9 @@ void require(bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument(what);
 }
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// Target size of one band's R-channel buffers (T1 + T2 + T3): well inside L2 with the packed
+// stage-4 weights and the output band beside them.
+constexpr int64_t kBandBytes = int64_t(768) << 10;
 }  // namespace
 
 int64_t PackedWeights::stage1_group_floats() const {
@@ -126,17 +129,17 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     threads = static_cast<int>(std::min<int64_t>(threads, s.batch * chunks));
 
     // Band height: the band's R-channel buffers should stay within about 1 MiB (L2).
-    const int64_t per_row = Rg * ((s.stride_h + 1) * W + OW) * int64_t(sizeof(float));
+    const int64_t w2 = W + 2 * s.pad_w;
+    const int64_t per_row = Rg * (s.stride_h * W + w2 + OW) * int64_t(sizeof(float));
     const int64_t halo = std::max<int64_t>(0, (s.kernel_h - 1) * s.dilation_h + 1 - s.stride_h);
-    const int64_t budget = int64_t(1) << 20;
+    const int64_t budget = kBandBytes;
     const int64_t rows_per_chunk = (OH + chunks - 1) / chunks;
     int64_t band = (budget - Rg * halo * W * int64_t(sizeof(float))) / std::max<int64_t>(per_row, 1);
     band = std::max<int64_t>(1, std::min(band, rows_per_chunk));
     // Stage-1 rows of one band in padded coordinates (zero rows included).
     const int64_t t1_rows = (band - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
-    const int64_t slack = round_up(std::max<int64_t>(s.pad_w, 1), 16);
     // +16 floats per thread keep the threads' buffers from sharing cache lines.
-    const int64_t ws_floats = round_up(Rg * (t1_rows * W + band * W + 2 * slack + band * OW) + 16, 16);
+    const int64_t ws_floats = round_up(Rg * (t1_rows * W + band * w2 + band * OW) + 16, 16);
 
     // Reused across calls from the same calling thread: no page faults per call.
     thread_local std::unique_ptr<float[]> workspace;
@@ -150,7 +153,7 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     if (stage_seconds) {
         timing.reset(new double[static_cast<size_t>(4 * threads)]());
     }
-    FusedProblem p{s, x, y, &w, threads, band, chunks, t1_rows, slack, workspace.get(), ws_floats, timing.get()};
+    FusedProblem p{s, x, y, &w, threads, band, chunks, t1_rows, workspace.get(), ws_floats, timing.get()};
     switch (isa) {
         case Isa::avx512: f32_cpconv_fused__avx512(p); break;
         case Isa::avx2: f32_cpconv_fused__avx2(p); break;

@@ -60,7 +60,6 @@ struct FusedProblem {
     int64_t band_rows;   // output rows per band
     int64_t row_chunks;  // contiguous row ranges per image (work items = batch * row_chunks)
     int64_t t1_rows;     // capacity (rows) of the stage-1 buffer
-    int64_t t2_slack;    // zero floats around each stage-2 plane (>= pad_w)
     float* workspace;    // threads * workspace_floats
     int64_t workspace_floats;
     double* stage_seconds;  // null, or threads x 4 accumulators (debug per-stage timing)

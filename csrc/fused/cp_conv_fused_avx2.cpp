@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 
 #include "fused/cp_conv_fused.h"
 
@@ -69,6 +70,25 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
             else
                 microkernel_4xNV<1>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
         }
+    }
+}
+
+// dst[i] = sum_j coeff[j] * src[i + offset[j]] for i in [0, n); every read is inside the source.
+void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int64_t* __restrict offset,
+              const float* __restrict src, float* __restrict dst) {
+    int64_t i0 = 0;
+    for (; i0 + 8 <= n; i0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < taps; ++j)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(coeff[j]), _mm256_loadu_ps(src + i0 + offset[j]), acc);
+        _mm256_storeu_ps(dst + i0, acc);
+    }
+    if (i0 < n) {
+        const __m256i m = tail_mask(n - i0);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < taps; ++j)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(coeff[j]), _mm256_maskload_ps(src + i0 + offset[j], m), acc);
+        _mm256_maskstore_ps(dst + i0, m, acc);
     }
 }
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 
 #include "fused/cp_conv_fused.h"
 
@@ -66,6 +67,26 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
             else
                 microkernel_8xNV<1>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
         }
+    }
+}
+
+// dst[i] = sum_j coeff[j] * src[i + offset[j]] for i in [0, n); every read is inside the source.
+// All taps accumulate in registers; one store per 16 outputs.
+void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int64_t* __restrict offset,
+              const float* __restrict src, float* __restrict dst) {
+    int64_t i0 = 0;
+    for (; i0 + 16 <= n; i0 += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < taps; ++j)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(coeff[j]), _mm512_loadu_ps(src + i0 + offset[j]), acc);
+        _mm512_storeu_ps(dst + i0, acc);
+    }
+    if (i0 < n) {
+        const __mmask16 m = __mmask16((1u << (n - i0)) - 1u);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < taps; ++j)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(coeff[j]), _mm512_maskz_loadu_ps(m, src + i0 + offset[j]), acc);
+        _mm512_mask_storeu_ps(dst + i0, m, acc);
     }
 }
 

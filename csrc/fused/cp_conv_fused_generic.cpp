@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 
 #include "fused/cp_conv_fused.h"
 
@@ -38,6 +39,17 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
                 for (int64_t j = 0; j < np; ++j) C[(m0 + i) * ldc + p0 + j] = acc[i][j] + bias;
             }
         }
+    }
+}
+
+// dst[i] = sum_j coeff[j] * src[i + offset[j]] for i in [0, n); every read is inside the source.
+void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int64_t* __restrict offset,
+              const float* __restrict src, float* __restrict dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = 0.0f;
+    for (int64_t j = 0; j < taps; ++j) {
+        const float c = coeff[j];
+        const float* __restrict s = src + offset[j];
+        for (int64_t i = 0; i < n; ++i) dst[i] += c * s[i];
     }
 }
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,9 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_args import ConvGeometry, IntOrPair, pair
-from . import fused
+from . import _core, fused
 
 __all__ = ["CPConv2d"]
+
+# Packed weights of each layer for the eager fused path: layer -> (parameter state, packed weights).
+_FUSED_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -309,23 +313,62 @@ class CPConv2d(nn.Module):
         """Whether :meth:`forward` runs the fused CPU kernel: CPU float32 and no gradient needed."""
         if not (self.use_fused and fused.fused_enabled()):
             return False
-        params = [p for p in (self.out_factor, self.in_factor, self.vert_factor, self.horz_factor, self.bias)
-                  if p is not None]
-        if x.device.type != "cpu" or x.dtype != torch.float32:
+        if x.dtype != torch.float32 or not x.is_cpu:
             return False
-        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+        params = self._parameters  # direct access: this runs on every call
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        for name in ("out_factor", "in_factor", "vert_factor", "horz_factor", "bias"):
+            p = params[name]
+            if p is None:
+                continue
+            if p.dtype != torch.float32 or not p.is_cpu:
+                return False
+            need_grad = need_grad or (p.requires_grad and torch.is_grad_enabled())
+        return not need_grad
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused kernel (``torch.ops.cpconv.cp_conv2d``); other padding modes are applied first by F.pad."""
+        """The fused kernel; other padding modes and asymmetric padding are applied first by F.pad.
+
+        Under graph capture (torch.compile, torch.export) it is the custom op
+        ``torch.ops.cpconv.cp_conv2d``, so graphs show one op; in eager mode the same kernel is
+        called directly, which skips the op dispatcher's per-call cost.
+        """
         pre_pad, (ph, pw) = self._stage_padding()
         if pre_pad is not None:
             x = F.pad(x, pre_pad, mode=_PAD_MODE[self.padding_mode])
-        return torch.ops.cpconv.cp_conv2d(
-            x, self.in_factor, self.vert_factor, self.horz_factor, self.out_factor, self.bias,
-            list(self.stride), [ph, pw], list(self.dilation), self.groups, self.fused_threads, "auto",
-        )
+        params = self._parameters
+        U, S, Y, X, bias = (params["out_factor"], params["in_factor"], params["vert_factor"],
+                            params["horz_factor"], params["bias"])
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+            return torch.ops.cpconv.cp_conv2d(
+                x, S, Y, X, U, bias, list(self.stride), [ph, pw], list(self.dilation), self.groups,
+                self.fused_threads, "auto",
+            )
+        # Eager: packed weights cached per layer and weight version (in-place updates bump _version,
+        # a swapped .data changes the pointer); this path runs on every inference call, so it is lean.
+        try:
+            state = (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(), Y.data_ptr(),
+                     X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
+        except RuntimeError:  # inference-mode parameters have no version counter: pack every call
+            state = None
+        plan = _FUSED_PLANS.get(self)
+        if plan is None or state is None or plan[0] != state:
+            plan = (state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups))
+            if state is not None:
+                _FUSED_PLANS[self] = plan
+        packed = plan[1]
+        b, c, h, w = x.shape
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        kh, kw = self.kernel_size
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            self._geometry.output_size((h, w))  # raises the descriptive error
+        y = torch.empty((b, self.out_channels, oh, ow), dtype=torch.float32)
+        threads = self.fused_threads or torch.get_num_threads()
+        _core.fused.cp_conv2d(x.detach().contiguous().numpy(), packed, y.numpy(), self.stride, (ph, pw),
+                              self.dilation, threads, "auto", False)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to a (B, C, H, W) or (C, H, W) input.

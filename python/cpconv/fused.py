@@ -37,6 +37,7 @@ __all__ = [
     "packed_weights",
     "clear_packed_weights_cache",
     "cp_conv2d_fused",
+    "run_packed",
     "fused_stage_seconds",
     "fused_disabled",
     "fused_enabled",
@@ -61,7 +62,7 @@ _logged_isa = False
 
 def _resolve_isa(isa: Optional[str]) -> str:
     global _logged_isa
-    if isa is None or isa == "auto":
+    if isa is None or isa == "auto":  # (the kernel resolves "auto" itself)
         if not _logged_isa:
             _logged_isa = True
             _log.debug("cpconv fused kernel: using %s (supported: %s)", best_isa(), ", ".join(supported_isas()))
@@ -157,7 +158,7 @@ def pack_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor] =
 
 
 class _PackedWeightsCache:
-    """Packed weights keyed on the factor tensors' identity, storage pointer, shape and ``_version``."""
+    """Packed weights keyed on the factor tensors' identity, checked against their ``_version`` and storage pointer."""
 
     def __init__(self, max_entries: int = 256) -> None:
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -166,26 +167,23 @@ class _PackedWeightsCache:
 
     @staticmethod
     def _state(tensors) -> Optional[tuple]:
+        # In-place changes bump _version; a swapped .data changes the storage pointer.
         try:
-            return tuple(
-                None if t is None else (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in tensors
-            )
+            return tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
         except RuntimeError:  # inference tensors have no version counter: never cached
             return None
 
     def get(self, tensors: tuple, groups: int):
-        key = tuple(id(t) for t in tensors) + (groups,)
+        key = tuple(map(id, tensors)) + (groups,)
         state = self._state(tensors)
         if state is not None:
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    refs, old_state, packed = entry
-                    if old_state == state and all(
-                        (r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors)
-                    ):
-                        self._entries.move_to_end(key)
-                        return packed
+            entry = self._entries.get(key)  # a dict read is atomic under the GIL
+            if entry is not None:
+                refs, old_state, packed = entry
+                if old_state == state and all(
+                    (r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors)
+                ):
+                    return packed
         U, S, Y, X, bias = tensors
         packed = pack_weights((U, S, Y, X), bias, groups=groups)
         if state is not None:
@@ -244,21 +242,41 @@ def _check_input(x) -> None:
 
 def _run(x, U, S, Y, X, bias, stride, padding, dilation, groups, threads, isa, packed, profile=False):
     _check_input(x)
+    if packed is None:
+        # Factors are validated when (re)packed; a cache hit means they were valid and unchanged.
+        packed = packed_weights((U, S, Y, X), bias, groups=groups)
+    return run_packed(x, packed, stride=stride, padding=padding, dilation=dilation, threads=threads, isa=isa,
+                      profile=profile)
+
+
+def run_packed(x: torch.Tensor, packed, *, stride=1, padding=0, dilation=1, threads: Optional[int] = None,
+               isa: Optional[str] = None, profile: bool = False):
+    """The fused kernel on packed weights (from :func:`pack_weights` / :func:`packed_weights`).
+
+    The thinnest entry point: checks ``x`` against ``packed`` and calls the kernel. Arguments and
+    errors as for :func:`cp_conv2d_fused`; with ``profile=True`` returns ``(y, stage_seconds)``.
+    """
+    _check_input(x)
     if x.dtype != torch.float32:
         raise TypeError(f"x must be float32 for the fused kernel, got {x.dtype}")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"x must be on the CPU for the fused kernel, got device {x.device}")
-    _check_factors(x.shape[1], U, S, Y, X, bias, groups)
+    b, c, h, w = x.shape
+    if c != packed.in_channels:
+        raise ValueError(
+            f"x has {c} channels but the factors expect {packed.in_channels} (in_factor rows x groups)"
+        )
     stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     isa = _resolve_isa(isa)
-    threads = _resolve_threads(threads)
-    oh, ow = _output_hw(x.shape[2], x.shape[3], Y.shape[0], X.shape[0], stride, padding, dilation)
-    if packed is None:
-        packed = packed_weights((U, S, Y, X), bias, groups=groups)
+    if threads is None or threads == 0:
+        threads = torch.get_num_threads()
+    else:
+        threads = _resolve_threads(threads)
+    oh, ow = _output_hw(h, w, packed.kernel_h, packed.kernel_w, stride, padding, dilation)
+    y = torch.empty((b, packed.out_channels, oh, ow), dtype=torch.float32)
     # channels_last (or any strided) input: the kernel reads NCHW, so convert.
-    xa = x.detach().contiguous().numpy()
-    y = torch.empty((x.shape[0], U.shape[0], oh, ow), dtype=torch.float32)
-    seconds = _core.fused.cp_conv2d(xa, packed, y.numpy(), stride, padding, dilation, threads, isa, profile)
+    seconds = _core.fused.cp_conv2d(x.detach().contiguous().numpy(), packed, y.numpy(), stride, padding, dilation,
+                                    threads, isa, profile)
     return (y, seconds) if profile else y
 
 
