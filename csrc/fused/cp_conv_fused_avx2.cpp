@@ -1,14 +1,15 @@
 // The fused kernel for AVX2 + FMA (compiled with -mavx2 -mfma; only called when the CPU supports it).
 // GEMM microkernel: 4 rows of A (broadcast) x up to 24 columns (3 ymm) of B, 12 accumulators; each
 // packed panel of 8 rows is done as two halves. Column tails by masked loads/stores.
+#include "fused/cp_conv_fused.h"
+
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <omp.h>
 
 #include <cstdint>
 #include <cstring>
 #include <ctime>
-
-#include "fused/cp_conv_fused.h"
 
 namespace cpconv::fused::avx2_impl {
 namespace {
@@ -98,3 +99,10 @@ void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int6
 }  // namespace cpconv::fused::avx2_impl
 
 void cpconv::fused::f32_cpconv_fused__avx2(const FusedProblem& p) { avx2_impl::run_problem(p); }
+
+#else  // not x86: never selected (isa_supported() is false), but the symbol must exist.
+#include <stdexcept>
+void cpconv::fused::f32_cpconv_fused__avx2(const FusedProblem&) {
+    throw std::runtime_error("the avx2 kernel is only built for x86");
+}
+#endif

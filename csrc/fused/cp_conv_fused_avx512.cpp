@@ -1,14 +1,15 @@
 // The fused kernel for AVX-512 (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma; only
 // called when the CPU supports it). GEMM microkernel: 8 rows of A (broadcast) x up to 48 columns
 // (3 zmm) of B, 24 accumulators; column tails by masked loads/stores.
+#include "fused/cp_conv_fused.h"
+
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <omp.h>
 
 #include <cstdint>
 #include <cstring>
 #include <ctime>
-
-#include "fused/cp_conv_fused.h"
 
 namespace cpconv::fused::avx512_impl {
 namespace {
@@ -96,3 +97,10 @@ void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int6
 }  // namespace cpconv::fused::avx512_impl
 
 void cpconv::fused::f32_cpconv_fused__avx512(const FusedProblem& p) { avx512_impl::run_problem(p); }
+
+#else  // not x86: never selected (isa_supported() is false), but the symbol must exist.
+#include <stdexcept>
+void cpconv::fused::f32_cpconv_fused__avx512(const FusedProblem&) {
+    throw std::runtime_error("the avx512 kernel is only built for x86");
+}
+#endif
