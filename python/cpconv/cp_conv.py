@@ -38,7 +38,8 @@ from . import _core, fused
 
 __all__ = ["CPConv2d"]
 
-# Packed weights of each layer for the eager fused path: layer -> (parameter state, packed weights).
+# Packed weights of each layer for the eager fused path:
+# layer -> (parameter state, packed weights, (pad_h, pad_w) or None when the input is pre-padded).
 _FUSED_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -345,7 +346,7 @@ class CPConv2d(nn.Module):
                 self.fused_threads, "auto",
             )
         # Eager: packed weights cached per layer and weight version (in-place updates bump _version,
-        # a swapped .data changes the pointer); this path runs on every inference call, so it is lean.
+        # a swapped .data changes the pointer).
         try:
             state = (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(), Y.data_ptr(),
                      X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
@@ -353,10 +354,10 @@ class CPConv2d(nn.Module):
             state = None
         plan = _FUSED_PLANS.get(self)
         if plan is None or state is None or plan[0] != state:
-            plan = (state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups))
+            plan = (state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups),
+                    (ph, pw) if pre_pad is None else None)
             if state is not None:
                 _FUSED_PLANS[self] = plan
-        packed = plan[1]
         b, c, h, w = x.shape
         (sh, sw), (dh, dw) = self.stride, self.dilation
         kh, kw = self.kernel_size
@@ -365,9 +366,43 @@ class CPConv2d(nn.Module):
         if oh < 1 or ow < 1:
             self._geometry.output_size((h, w))  # raises the descriptive error
         y = torch.empty((b, self.out_channels, oh, ow), dtype=torch.float32)
-        threads = self.fused_threads or torch.get_num_threads()
-        _core.fused.cp_conv2d(x.detach().contiguous().numpy(), packed, y.numpy(), self.stride, (ph, pw),
-                              self.dilation, threads, "auto", False)
+        _core.fused.cp_conv2d(x.detach().contiguous().numpy(), plan[1], y.numpy(), self.stride, (ph, pw),
+                              self.dilation, self.fused_threads or torch.get_num_threads(), "auto", False)
+        return y
+
+    def _forward_planned(self, x: torch.Tensor, plan: tuple) -> Optional[torch.Tensor]:
+        """The eager fused call for a layer whose weights are packed; None when it does not apply.
+
+        The common inference call, kept to the few checks that can change between calls without
+        changing the parameters' versions (the input, grad mode, the switches): in a network, this
+        Python runs cold, so each operation here costs.
+        """
+        if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 4 or x.shape[1] != self.in_channels
+                or plan[2] is None or not self.use_fused or not fused.fused_enabled()):
+            return None
+        params = self._parameters
+        U, S, Y, X, bias = (params["out_factor"], params["in_factor"], params["vert_factor"],
+                            params["horz_factor"], params["bias"])
+        if torch.is_grad_enabled() and (x.requires_grad or U.requires_grad or S.requires_grad or Y.requires_grad
+                                        or X.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        try:
+            state = (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(), Y.data_ptr(),
+                     X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
+        except RuntimeError:
+            return None
+        if state != plan[0]:
+            return None
+        b, _, h, w = x.shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, plan[2], self.dilation
+        kh, kw = self.kernel_size
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            return None
+        y = torch.empty((b, self.out_channels, oh, ow), dtype=torch.float32)
+        _core.fused.cp_conv2d(x.contiguous().numpy(), plan[1], y.numpy(), self.stride, plan[2], self.dilation,
+                              self.fused_threads or torch.get_num_threads(), "auto", False)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -379,6 +414,11 @@ class CPConv2d(nn.Module):
         :func:`cpconv.fused.fused_disabled` force the torch path; ``layer.fused_threads`` (0 = torch's
         thread count) sets the fused kernel's threads.
         """
+        plan = _FUSED_PLANS.get(self)
+        if plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            y = self._forward_planned(x, plan)
+            if y is not None:
+                return y
         self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
