@@ -139,7 +139,7 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     // Stage-1 rows of one band in padded coordinates (zero rows included).
     const int64_t t1_rows = (band - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
     // +16 floats per thread keep the threads' buffers from sharing cache lines.
-    const int64_t ws_floats = round_up(Rg * (t1_rows * W + band * w2 + band * OW) + 16, 16);
+    const int64_t ws_floats = round_up(Rg * (t1_rows * W + band * w2 + band * OW) + 48 * (s.in_channels / s.groups) + 16, 16);
 
     // Reused across calls from the same calling thread: no page faults per call.
     thread_local std::unique_ptr<float[]> workspace;

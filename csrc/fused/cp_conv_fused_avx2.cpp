@@ -54,10 +54,21 @@ inline void microkernel_4xNV(int64_t K, const float* __restrict a, const float* 
     }
 }
 
+// b_pack: null, or room for K x 48 floats: each column block of B is first copied there
+// contiguously (for a B with a large row stride, e.g. image channels: fewer cache lines and TLB
+// entries per k, and the block stays in L1 across all row panels of A).
 void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, const float* row_bias) {
+                 int64_t ldc, const float* row_bias, float* b_pack) {
     for (int64_t p0 = 0; p0 < P; p0 += 24) {
         const int64_t np = (P - p0) < 24 ? (P - p0) : 24;
+        const float* b = B + p0;
+        int64_t ldb_block = ldb;
+        if (b_pack) {
+            for (int64_t k = 0; k < K; ++k)
+                for (int64_t i = 0; i < np; ++i) b_pack[k * 24 + i] = B[k * ldb + p0 + i];
+            b = b_pack;
+            ldb_block = 24;
+        }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mr = (M - m0) < 4 ? (M - m0) : 4;
             // Row m0 lives in panel m0 / 8 at offset m0 % 8.
@@ -65,11 +76,11 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
             float* c = C + m0 * ldc + p0;
             const float* bias = row_bias ? row_bias + m0 : nullptr;
             if (np > 16)
-                microkernel_4xNV<3>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+                microkernel_4xNV<3>(K, a, b, ldb_block, c, ldc, mr, np, bias);
             else if (np > 8)
-                microkernel_4xNV<2>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+                microkernel_4xNV<2>(K, a, b, ldb_block, c, ldc, mr, np, bias);
             else
-                microkernel_4xNV<1>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+                microkernel_4xNV<1>(K, a, b, ldb_block, c, ldc, mr, np, bias);
         }
     }
 }

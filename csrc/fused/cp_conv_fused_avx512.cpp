@@ -51,22 +51,52 @@ inline void microkernel_8xNV(int64_t K, const float* __restrict a, const float* 
     }
 }
 
+inline void microkernel_8xN(int64_t K, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                            int64_t mr, int64_t np, const float* bias) {
+    if (np > 32)
+        microkernel_8xNV<3>(K, a, b, ldb, c, ldc, mr, np, bias);
+    else if (np > 16)
+        microkernel_8xNV<2>(K, a, b, ldb, c, ldc, mr, np, bias);
+    else
+        microkernel_8xNV<1>(K, a, b, ldb, c, ldc, mr, np, bias);
+}
+
+// b_pack: null, or room for K x 48 floats: each column block of B is first copied there
+// contiguously (for a B with a large row stride, e.g. image channels: fewer cache lines and TLB
+// entries per k, and the block stays in L1 across all row panels of A).
 void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, const float* row_bias) {
-    // Columns outer: the K x 48 slice of B stays in L1/L2 while the panels of A stream past it.
-    for (int64_t p0 = 0; p0 < P; p0 += 48) {
-        const int64_t np = (P - p0) < 48 ? (P - p0) : 48;
+                 int64_t ldc, const float* row_bias, float* b_pack) {
+    if (!b_pack) {
+        // Rows outer: each panel of A stays in L1 and C is written as 8 sequential streams (the
+        // output of stage 4 can exceed L2; 8 streams keep its write-allocation cheap), while B (a
+        // band buffer already in L2) streams past.
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const int64_t mr = (M - m0) < 8 ? (M - m0) : 8;
-            const float* a = A + m0 * K;
-            float* c = C + m0 * ldc + p0;
             const float* bias = row_bias ? row_bias + m0 : nullptr;
-            if (np > 32)
-                microkernel_8xNV<3>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
-            else if (np > 16)
-                microkernel_8xNV<2>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
-            else
-                microkernel_8xNV<1>(K, a, B + p0, ldb, c, ldc, mr, np, bias);
+            for (int64_t p0 = 0; p0 < P; p0 += 48) {
+                const int64_t np = (P - p0) < 48 ? (P - p0) : 48;
+                microkernel_8xN(K, A + m0 * K, B + p0, ldb, C + m0 * ldc + p0, ldc, mr, np, bias);
+            }
+        }
+        return;
+    }
+    // Columns outer: each K x 48 block of B is packed contiguously and stays in L1 while the
+    // panels of A stream past it.
+    for (int64_t p0 = 0; p0 < P; p0 += 48) {
+        const int64_t np = (P - p0) < 48 ? (P - p0) : 48;
+        __mmask16 mask[3];
+        for (int j = 0; j < 3; ++j) {
+            const int64_t rem = np - 16 * j;
+            mask[j] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+        }
+        for (int64_t k = 0; k < K; ++k)
+            for (int j = 0; j < 3; ++j)
+                _mm512_mask_storeu_ps(b_pack + k * 48 + 16 * j, mask[j],
+                                      _mm512_maskz_loadu_ps(mask[j], B + k * ldb + p0 + 16 * j));
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const int64_t mr = (M - m0) < 8 ? (M - m0) : 8;
+            microkernel_8xN(K, A + m0 * K, b_pack, 48, C + m0 * ldc + p0, ldc, mr, np,
+                            row_bias ? row_bias + m0 : nullptr);
         }
     }
 }

@@ -12,8 +12,11 @@
 namespace cpconv::fused::generic_impl {
 namespace {
 
+// b_pack: null, or room for K x 48 floats: each column block of B is first copied there
+// contiguously (for a B with a large row stride, e.g. image channels: fewer cache lines and TLB
+// entries per k, and the block stays in L1 across all row panels of A).
 void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, const float* row_bias) {
+                 int64_t ldc, const float* row_bias, float* /*b_pack*/) {
     constexpr int64_t kCols = 8;
     for (int64_t p0 = 0; p0 < P; p0 += kCols) {
         const int64_t np = (P - p0) < kCols ? (P - p0) : kCols;
