@@ -130,7 +130,7 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
 
     // Band height: the band's R-channel buffers should stay within about 1 MiB (L2).
     const int64_t w2 = W + 2 * s.pad_w;
-    const int64_t per_row = Rg * (s.stride_h * W + w2 + OW) * int64_t(sizeof(float));
+    const int64_t per_row = Rg * (s.stride_h * W + OW) * int64_t(sizeof(float));
     const int64_t halo = std::max<int64_t>(0, (s.kernel_h - 1) * s.dilation_h + 1 - s.stride_h);
     const int64_t budget = kBandBytes;
     const int64_t rows_per_chunk = (OH + chunks - 1) / chunks;
@@ -139,7 +139,8 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     // Stage-1 rows of one band in padded coordinates (zero rows included).
     const int64_t t1_rows = (band - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
     // +16 floats per thread keep the threads' buffers from sharing cache lines.
-    const int64_t ws_floats = round_up(Rg * (t1_rows * W + band * w2 + band * OW) + 48 * (s.in_channels / s.groups) + 16, 16);
+    const int64_t ws_floats =
+        round_up(Rg * (t1_rows * W + band * OW) + band * w2 + 48 * (s.in_channels / s.groups) + 16, 16);
 
     // Reused across calls from the same calling thread: no page faults per call.
     thread_local std::unique_ptr<float[]> workspace;
@@ -159,7 +160,7 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
         case Isa::avx2: f32_cpconv_fused__avx2(p); break;
         default: f32_cpconv_fused__generic(p); break;
     }
-    if (stage_seconds) {
+    if (stage_seconds) {  // slot 2 stays 0: stages 2 and 3 are timed together in slot 1
         for (int st = 0; st < 4; ++st) {
             stage_seconds[st] = 0.0;
             for (int t = 0; t < threads; ++t) stage_seconds[st] += timing[4 * t + st];

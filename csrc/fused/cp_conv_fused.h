@@ -62,7 +62,7 @@ struct FusedProblem {
     int64_t t1_rows;     // capacity (rows) of the stage-1 buffer
     float* workspace;    // threads * workspace_floats
     int64_t workspace_floats;
-    double* stage_seconds;  // null, or threads x 4 accumulators (debug per-stage timing)
+    double* stage_seconds;  // null, or threads x 4 accumulators (debug timing: stage 1, 2+3, -, 4)
 };
 
 // Per-ISA kernels (names: dtype_op__isa). Each runs the whole problem with p.threads threads.
@@ -72,7 +72,8 @@ void f32_cpconv_fused__avx512(const FusedProblem& p);
 
 // Runs the fused kernel: y = CPConv(x) with zero padding. threads >= 1. Allocates the per-thread band
 // buffers (reused across calls from the same calling thread). If stage_seconds is not null it
-// receives 4 sums of per-thread seconds (stage 1, 2, 3, 4) measured inside the kernel.
+// receives 4 sums over threads of thread CPU seconds measured inside the kernel: stage 1,
+// stages 2+3 (timed together), 0, stage 4.
 void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, float* y, int threads, Isa isa,
                double* stage_seconds = nullptr);
 

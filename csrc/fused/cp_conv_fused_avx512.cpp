@@ -89,10 +89,16 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
             const int64_t rem = np - 16 * j;
             mask[j] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
         }
-        for (int64_t k = 0; k < K; ++k)
+        // B's rows are K separate streams (image channels), too many for the hardware prefetcher:
+        // fetch the next block's lines while copying this one.
+        const bool prefetch_next = p0 + 48 < P;
+        for (int64_t k = 0; k < K; ++k) {
+            const float* row = B + k * ldb + p0;
+            if (prefetch_next)
+                for (int j = 3; j < 7; ++j) _mm_prefetch(reinterpret_cast<const char*>(row + 16 * j), _MM_HINT_T0);
             for (int j = 0; j < 3; ++j)
-                _mm512_mask_storeu_ps(b_pack + k * 48 + 16 * j, mask[j],
-                                      _mm512_maskz_loadu_ps(mask[j], B + k * ldb + p0 + 16 * j));
+                _mm512_mask_storeu_ps(b_pack + k * 48 + 16 * j, mask[j], _mm512_maskz_loadu_ps(mask[j], row + 16 * j));
+        }
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const int64_t mr = (M - m0) < 8 ? (M - m0) : 8;
             microkernel_8xN(K, A + m0 * K, b_pack, 48, C + m0 * ldc + p0, ldc, mr, np,
@@ -102,9 +108,45 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
 }
 
 // dst[i] = sum_j coeff[j] * src[i + offset[j]] for i in [0, n); every read is inside the source.
-// All taps accumulate in registers; one store per 16 outputs.
+// All taps accumulate in registers; one store per 16 outputs. The tap count is a template
+// parameter for the common kernel sizes so coefficients and offsets stay in registers.
+template <int T>
+inline void taps_row_fixed(int64_t n, const float* __restrict coeff, const int64_t* __restrict offset,
+                           const float* __restrict src, float* __restrict dst) {
+    __m512 c[T];
+    const float* s[T];
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) {
+        c[j] = _mm512_set1_ps(coeff[j]);
+        s[j] = src + offset[j];
+    }
+    int64_t i0 = 0;
+    for (; i0 + 16 <= n; i0 += 16) {
+        __m512 acc = _mm512_mul_ps(c[0], _mm512_loadu_ps(s[0] + i0));
+#pragma GCC unroll 8
+        for (int j = 1; j < T; ++j) acc = _mm512_fmadd_ps(c[j], _mm512_loadu_ps(s[j] + i0), acc);
+        _mm512_storeu_ps(dst + i0, acc);
+    }
+    if (i0 < n) {
+        const __mmask16 m = __mmask16((1u << (n - i0)) - 1u);
+        __m512 acc = _mm512_mul_ps(c[0], _mm512_maskz_loadu_ps(m, s[0] + i0));
+#pragma GCC unroll 8
+        for (int j = 1; j < T; ++j) acc = _mm512_fmadd_ps(c[j], _mm512_maskz_loadu_ps(m, s[j] + i0), acc);
+        _mm512_mask_storeu_ps(dst + i0, m, acc);
+    }
+}
+
 void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int64_t* __restrict offset,
               const float* __restrict src, float* __restrict dst) {
+    switch (taps) {
+        case 1: return taps_row_fixed<1>(n, coeff, offset, src, dst);
+        case 2: return taps_row_fixed<2>(n, coeff, offset, src, dst);
+        case 3: return taps_row_fixed<3>(n, coeff, offset, src, dst);
+        case 4: return taps_row_fixed<4>(n, coeff, offset, src, dst);
+        case 5: return taps_row_fixed<5>(n, coeff, offset, src, dst);
+        case 7: return taps_row_fixed<7>(n, coeff, offset, src, dst);
+        default: break;
+    }
     int64_t i0 = 0;
     for (; i0 + 16 <= n; i0 += 16) {
         __m512 acc = _mm512_setzero_ps();

@@ -337,8 +337,9 @@ def cp_conv2d_fused(
 def fused_stage_seconds(x, factors, bias=None, *, stride=1, padding=0, dilation=1, groups=1, threads=None, isa=None):
     """Run the fused kernel with its debug timers on and return ``(y, seconds)``.
 
-    ``seconds`` is a tuple of 4 floats: the time spent in stage 1, 2, 3 and 4, summed over threads
-    (measured inside the kernel around each stage of each band). For profiling, not for production.
+    ``seconds`` is a tuple of 3 floats: the thread CPU time spent in stage 1, in stages 2 and 3
+    (run plane by plane, so timed together) and in stage 4, summed over threads; measured inside the
+    kernel around each stage of each band. For profiling, not for production.
     """
     U, S, Y, X = factors
     return _run(x, U, S, Y, X, bias, stride, padding, dilation, groups, threads, isa, None, profile=True)
