@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .cp_conv import CPConv2d
-from .fused import best_isa, fused_disabled
+from .fused import best_isa, fused_disabled, fused_stage_seconds
 
 __all__ = ["add_arguments", "run", "load_layer_set", "four_stage_sequential", "alexnet_imagenet"]
 
@@ -140,22 +140,29 @@ def sgemm_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def interleaved_medians(contenders: Dict[str, Callable[[], object]], reps: int, min_seconds: float = 0.0) -> Dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin (the order rotates every round)."""
+def interleaved_medians(contenders: Dict[str, Callable[[], object]], reps: int, burst: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each contender, timed round-robin (the order rotates every round).
+
+    With ``burst == 1`` each round times one call of each contender, right after the others ran
+    (caches hold the other contenders' data: the latency of a layer inside a network). With
+    ``burst > 1`` each round makes ``burst`` consecutive calls and times the last ``burst - 1``
+    (warm caches: the latency of the same layer called repeatedly).
+    """
     names = list(contenders)
     for name in names:  # warm-up (first-call allocations, ORT arena, packing)
         contenders[name]()
         contenders[name]()
     times: Dict[str, List[float]] = {n: [] for n in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < reps or time.perf_counter() - start < min_seconds:
+    for rounds in range(reps):
         order = names[rounds % len(names):] + names[: rounds % len(names)]
         for name in order:
-            t0 = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
+            f = contenders[name]
+            for call in range(burst):
+                t0 = time.perf_counter()
+                f()
+                elapsed = time.perf_counter() - t0
+                if burst == 1 or call > 0:
+                    times[name].append(elapsed)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -168,7 +175,7 @@ def _max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def benchmark_layer(spec: dict, rank: int, threads: int, reps: int, use_onnx: bool) -> dict:
+def benchmark_layer(spec: dict, rank: int, threads: int, reps: int, use_onnx: bool, burst: int = 1) -> dict:
     """Time every contender on one layer at one rank and thread count; check they agree."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -199,12 +206,20 @@ def benchmark_layer(spec: dict, rank: int, threads: int, reps: int, use_onnx: bo
         errors = {"fused": _max_relative_error(layer(x), expected)}
         if ort_run is not None:
             errors["ort4"] = _max_relative_error(torch.from_numpy(ort_run(x_np)), expected)
-        medians = interleaved_medians(contenders, reps)
+        medians = interleaved_medians(contenders, reps, burst)
+        # The fused kernel's own split of its time (thread CPU time, summed over threads).
+        stage_seconds = [0.0, 0.0, 0.0]
+        for _ in range(5):
+            _, seconds = fused_stage_seconds(x, layer.factors, layer.bias, padding=spec.get("padding", 0),
+                                             stride=spec.get("stride", 1), threads=threads)
+            stage_seconds = [a + b for a, b in zip(stage_seconds, seconds)]
     cp_macs = layer.flops((hw, hw))
     dense_macs = layer.dense_flops((hw, hw))
     gflops = {n: 2 * (dense_macs if n.startswith("dense") else cp_macs) / t / 1e9 for n, t in medians.items()}
+    total = sum(stage_seconds)
     return dict(layer=spec["name"], rank=rank, threads=threads, seconds=medians, gflops=gflops,
-                max_relative_error=errors, cp_macs=cp_macs, dense_macs=dense_macs)
+                max_relative_error=errors, cp_macs=cp_macs, dense_macs=dense_macs,
+                fused_stage_share=[s / total for s in stage_seconds])
 
 
 def benchmark_alexnet(threads: int, reps: int, use_onnx: bool, ranks: Dict[str, int]) -> dict:
@@ -246,6 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="", help="comma-separated layer names or name prefixes (default: all)")
     parser.add_argument("--ranks", default="", help="comma-separated ranks (default: from the layer file)")
     parser.add_argument("--reps", type=int, default=40, help="timed rounds per contender (default: 40)")
+    parser.add_argument("--burst", type=int, default=1,
+                        help="calls per contender per round; >1 times the warm calls after the first (default: 1)")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime (no onnxruntime installed)")
     parser.add_argument("--model", action="store_true", help="also time a whole AlexNet at 224x224")
     parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
@@ -283,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see :func:`add_arguments`), print a report; returns 0."""
     layer_set = load_layer_set()
     threads_list = _parse_ints(args.threads, "threads")
+    if args.reps < 1 or args.burst < 1:
+        raise ValueError(f"--reps and --burst must be >= 1, got {args.reps} and {args.burst}")
     ranks = _parse_ints(args.ranks, "ranks") if args.ranks else layer_set["ranks"]
     wanted = [w for w in args.layers.split(",") if w]
     layers = [s for s in layer_set["layers"] if not wanted or any(s["name"].startswith(w) for w in wanted)]
@@ -305,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for spec in layers:
             for rank in ranks:
-                row = benchmark_layer(spec, rank, threads, args.reps, use_onnx)
+                row = benchmark_layer(spec, rank, threads, args.reps, use_onnx, args.burst)
                 ceiling.append(sgemm_gflops(threads, reps=3))
                 rows.append(row)
                 sec = row["seconds"]
@@ -313,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
                 vs_ort = sec["ort4"] / sec["fused"] if use_onnx else float("nan")
                 print(f"{spec['name']:18s} {rank:4d} " + " ".join(f"{sec[n] * 1e3:12.3f}" for n in names)
                       + f" {row['gflops']['fused']:10.1f} {vs_ort:7.2f} {best_torch / sec['fused']:8.2f}"
-                      + f" {row['gflops']['fused'] / statistics.median(ceiling):7.2f}", flush=True)
+                      + f" {row['gflops']['fused'] / statistics.median(ceiling):7.2f}"
+                      + "  stages 1/2+3/4: " + "/".join(f"{100 * s:.0f}%" for s in row["fused_stage_share"]), flush=True)
         ceil = statistics.median(ceiling)
         results["ceiling_gflops"][threads] = ceil
         for row in rows:
