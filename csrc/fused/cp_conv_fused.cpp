@@ -126,6 +126,7 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     // threads evenly busy (every chunk boundary recomputes a few stage-1 rows).
     int64_t chunks = 1;
     if (threads > 1 && s.batch % threads != 0) chunks = std::min<int64_t>(threads, OH);
+    const int threads_requested = threads;
     threads = static_cast<int>(std::min<int64_t>(threads, s.batch * chunks));
 
     // Band height: the band's R-channel buffers should stay within about 1 MiB (L2).
@@ -142,19 +143,36 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     const int64_t ws_floats =
         round_up(Rg * (t1_rows * W + band * OW) + band * w2 + 48 * (s.in_channels / s.groups) + 16, 16);
 
+    // One image on several threads, small enough to keep whole: split channels, not rows.
+    const int64_t full_t1_rows = (OH - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
+    const bool split_channels = threads > 1 && s.groups == 1 && s.batch % threads != 0 &&
+                                s.rank >= 8 * threads && s.out_channels >= 8 * threads &&
+                                s.rank * (full_t1_rows * W + OH * OW) * int64_t(sizeof(float)) <= threads * kBandBytes;
+    int64_t need = ws_floats * threads;
+    int64_t p_t1_rows = t1_rows, p_ws_floats = ws_floats, p_band = band, p_chunks = chunks;
+    int p_threads = threads;
+    if (split_channels) {
+        p_threads = threads_requested;
+        p_t1_rows = full_t1_rows;
+        p_band = OH;
+        p_chunks = 1;
+        p_ws_floats = round_up(OH * w2 + 48 * s.in_channels + 16, 16);
+        need = s.rank * (full_t1_rows * W + OH * OW) + p_ws_floats * p_threads;
+    }
     // Reused across calls from the same calling thread: no page faults per call.
     thread_local std::unique_ptr<float[]> workspace;
     thread_local int64_t workspace_size = 0;
-    const int64_t need = ws_floats * threads;
     if (need > workspace_size) {
         workspace.reset(new float[static_cast<size_t>(need)]);
         workspace_size = need;
     }
     std::unique_ptr<double[]> timing;
     if (stage_seconds) {
-        timing.reset(new double[static_cast<size_t>(4 * threads)]());
+        timing.reset(new double[static_cast<size_t>(4 * std::max(threads, threads_requested))]());
     }
-    FusedProblem p{s, x, y, &w, threads, band, chunks, t1_rows, workspace.get(), ws_floats, timing.get()};
+    FusedProblem p{s,        x,           y,      &w, p_threads, p_band, p_chunks, split_channels,
+                  p_t1_rows, workspace.get(), p_ws_floats, timing.get()};
+    threads = p_threads;
     switch (isa) {
         case Isa::avx512: f32_cpconv_fused__avx512(p); break;
         case Isa::avx2: f32_cpconv_fused__avx2(p); break;

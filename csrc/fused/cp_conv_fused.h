@@ -59,6 +59,7 @@ struct FusedProblem {
     int threads;         // OpenMP threads for this call (>= 1)
     int64_t band_rows;   // output rows per band
     int64_t row_chunks;  // contiguous row ranges per image (work items = batch * row_chunks)
+    bool split_channels;  // threads split ranks / output channels of one image (see run_split_channels)
     int64_t t1_rows;     // capacity (rows) of the stage-1 buffer
     float* workspace;    // threads * workspace_floats
     int64_t workspace_floats;
