@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  fused vs dense nn.Conv2d (faster layout): "
               f"{_geomean([min(r['seconds']['dense'], r['seconds']['dense_cl']) / r['seconds']['fused'] for r in rows]):.2f}x")
         print(f"  fused GFLOP/s / ceiling: {_geomean([r['fused_vs_ceiling'] for r in rows]):.2f}")
-        print(f"  fused kernel alone (CPU time, per thread) / ceiling per thread: "
+        print(f"  fused kernel alone (from its CPU-time counters, threads assumed fully busy) / ceiling: "
               f"{_geomean([r['fused_kernel_cpu_gflops'] / ceil for r in rows]):.2f}")
         print(f"  max relative error fused vs torch 4-stage: {max(r['max_relative_error']['fused'] for r in rows):.2e}")
         if args.model:
