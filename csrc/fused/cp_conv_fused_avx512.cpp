@@ -29,7 +29,9 @@ inline void microkernel_8xNV(int64_t K, const float* __restrict a, const float* 
         const int64_t rem = np - 16 * j;
         mask[j] = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
     }
+#pragma GCC unroll 4
     for (int64_t k = 0; k < K; ++k) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + (k + 6) * ldb), _MM_HINT_T0);
         __m512 bv[NV];
 #pragma GCC unroll 3
         for (int j = 0; j < NV; ++j) bv[j] = _mm512_maskz_loadu_ps(mask[j], b + k * ldb + 16 * j);
