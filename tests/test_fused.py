@@ -386,6 +386,21 @@ def test_torch_export_sees_one_op():
     assert relative_error(program.module()(x), expected) <= TOLERANCE
 
 
+# torch's own deprecation of TorchScript, and its tracer's notes on the shape checks of forward().
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_keeps_the_torch_stages():
+    layer = make_layer().eval()
+    x = torch.randn(1, 6, 9, 9)
+    with torch.no_grad():
+        layer(x)  # a packed plan exists: tracing must still not take the eager kernel call
+        traced = torch.jit.trace(layer, (x,))
+        expected = layer(x)
+        other = torch.randn(1, 6, 9, 9)
+        assert relative_error(traced(other), layer(other)) <= TOLERANCE  # not a constant
+    assert "cpconv::cp_conv2d" not in str(traced.graph) and "aten::_convolution" in str(traced.graph)
+    assert relative_error(traced(x), expected) <= TOLERANCE
+
+
 def test_single_openmp_runtime_loaded():
     libraries = set()
     with open("/proc/self/maps") as maps:

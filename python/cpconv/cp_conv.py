@@ -314,6 +314,9 @@ class CPConv2d(nn.Module):
         """Whether :meth:`forward` runs the fused CPU kernel: CPU float32 and no gradient needed."""
         if not (self.use_fused and fused.fused_enabled()):
             return False
+        # TorchScript tracing and ONNX export need ops they know: keep the torch stages for them.
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
         if x.dtype != torch.float32 or not x.is_cpu:
             return False
         params = self._parameters  # direct access: this runs on every call
@@ -415,7 +418,8 @@ class CPConv2d(nn.Module):
         thread count) sets the fused kernel's threads.
         """
         plan = _FUSED_PLANS.get(self)
-        if plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        if (plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):
             y = self._forward_planned(x, plan)
             if y is not None:
                 return y

@@ -11,8 +11,15 @@ The instruction set is chosen at run time from the CPU's features (``avx512``, `
 and every entry point takes ``isa=`` to force one (tests run each in turn). The choice is logged once
 at DEBUG level on the ``cpconv.fused`` logger.
 
-:class:`cpconv.CPConv2d` calls the custom op on CPU float32 when no gradient is needed; inside
-:func:`fused_disabled` (or with ``layer.use_fused = False``) it keeps the torch path instead.
+:class:`cpconv.CPConv2d` uses the fused kernel on CPU float32 when no gradient is needed: under
+graph capture (torch.compile, torch.export) through the custom op, so graphs show one op, and in
+eager mode by a direct call with its own per-layer packed weights (the op dispatcher's Python cost
+is skipped). Inside :func:`fused_disabled` (or with ``layer.use_fused = False``) it keeps the torch
+path. The thread count is an argument everywhere (``threads``; the layer's ``fused_threads``);
+``None``/0 means ``torch.get_num_threads()``.
+
+Not thread-global: :func:`fused_disabled` is per Python thread; the packed-weights cache is shared
+and safe to use from several threads.
 """
 
 from __future__ import annotations
