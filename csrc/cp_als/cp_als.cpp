@@ -184,7 +184,7 @@ void mttkrp_from_contraction(const T* W, const std::vector<int64_t>& shape, int 
 template <typename T>
 void factor_gram(const T* A, int64_t I, int64_t R, double* G) {
     std::vector<double> Ad(A, A + I * R);
-    blas::gemm(true, false, R, R, I, 1.0, Ad.data(), R, Ad.data(), R, 0.0, G, R);
+    blas::gram(R, I, Ad.data(), G);
 }
 
 // Normalises the columns of the double I x R matrix src into dst (type T) and returns the norms.
@@ -205,7 +205,7 @@ void normalise_columns(const double* src, int64_t I, int64_t R, T* dst, double* 
 // ridge delta*I, delta from 1e-12 * mean(diag V). Returns true when the ridge was needed.
 bool solve_normal_equations(const std::vector<double>& V, int64_t R, double* M, int64_t rows) {
     std::vector<double> chol(V);
-    int info = scipy_LAPACKE_dpotrf(blas::kColMajor, 'L', static_cast<int>(R), chol.data(), static_cast<int>(R));
+    int info = scipy_LAPACKE_dpotrf_work(blas::kColMajor, 'L', static_cast<int>(R), chol.data(), static_cast<int>(R));
     bool regularised = false;
     if (info != 0) {
         regularised = true;
@@ -215,14 +215,14 @@ bool solve_normal_equations(const std::vector<double>& V, int64_t R, double* M, 
         for (int attempt = 0; attempt < 16 && info != 0; ++attempt, delta *= 100.0) {
             chol = V;
             for (int64_t r = 0; r < R; ++r) chol[r * R + r] += delta;
-            info = scipy_LAPACKE_dpotrf(blas::kColMajor, 'L', static_cast<int>(R), chol.data(), static_cast<int>(R));
+            info = scipy_LAPACKE_dpotrf_work(blas::kColMajor, 'L', static_cast<int>(R), chol.data(), static_cast<int>(R));
         }
         if (info != 0)
             throw std::runtime_error("cp_als: the R x R normal equations could not be solved even with a ridge of " +
                                      std::to_string(delta) + " (non-finite values from overflow?)");
     }
     // Row-major M (rows x R) is column-major R x rows: the right-hand sides of V A^T = M^T.
-    scipy_LAPACKE_dpotrs(blas::kColMajor, 'L', static_cast<int>(R), static_cast<int>(rows), chol.data(),
+    scipy_LAPACKE_dpotrs_work(blas::kColMajor, 'L', static_cast<int>(R), static_cast<int>(rows), chol.data(),
                          static_cast<int>(R), M, static_cast<int>(R));
     return regularised;
 }

@@ -9,9 +9,10 @@
 
 extern "C" {
 // Declared here rather than through lapacke.h, whose complex-type macros do not suit C++ builds.
-int scipy_LAPACKE_dpotrf(int matrix_layout, char uplo, int n, double* a, int lda);
-int scipy_LAPACKE_dpotrs(int matrix_layout, char uplo, int n, int nrhs, const double* a, int lda,
-                         double* b, int ldb);
+// The _work variants skip LAPACKE's NaN scan of the inputs (ours are finite by construction).
+int scipy_LAPACKE_dpotrf_work(int matrix_layout, char uplo, int n, double* a, int lda);
+int scipy_LAPACKE_dpotrs_work(int matrix_layout, char uplo, int n, int nrhs, const double* a, int lda,
+                              double* b, int ldb);
 }
 
 namespace cpconv::blas {
@@ -33,6 +34,14 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, do
                       static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
                       static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
                       static_cast<blasint>(ldc));
+}
+
+// Row-major C (n x n) = A^T A for A (k x n); both triangles are filled.
+inline void gram(int64_t n, int64_t k, const double* a, double* c) {
+    scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<blasint>(n), static_cast<blasint>(k), 1.0,
+                      a, static_cast<blasint>(n), 0.0, c, static_cast<blasint>(n));
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < i; ++j) c[i * n + j] = c[j * n + i];
 }
 
 // OpenBLAS stays single-threaded inside CP-ALS: the parallelism comes from OpenMP (the libgomp that
