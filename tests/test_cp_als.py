@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tensorly.cp_tensor import CPTensor
 from tensorly.decomposition import parafac
@@ -142,8 +142,7 @@ def test_matches_reference_als(shape, rank_fraction, n_iter, seed):
     # The reference's least squares is only well defined when the normal equations are well
     # conditioned; compare where it is (a near-singular system legitimately takes the ridge path).
     result = cp_als(x, rank, init=init, max_iter=n_iter, tol=0.0)
-    if result.regularised_solves:
-        return
+    assume(result.regularised_solves == 0)
     ref = dense_from_factors(np.ones(rank), ref_factors)
     ours = dense_from_factors(result.weights, result.factors)
     scale = np.linalg.norm(x)
@@ -254,6 +253,17 @@ def test_l2_reg_shrinks_and_is_scale_free():
     assert ridge.rel_error > plain.rel_error
     scaled = cp_als(1e-4 * x, 4, seed=0, max_iter=50, tol=0.0, l2_reg=1.0)
     assert scaled.rel_error == pytest.approx(ridge.rel_error, rel=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [1e-20, 1e-6, 1e6, 1e20])
+def test_result_does_not_depend_on_the_tensor_scale(scale, dtype):
+    x, _ = planted((10, 8, 3, 3), 4, noise=0.05, dtype=np.float64, seed=8)
+    base = cp_als(x.astype(dtype), 4, seed=0, max_iter=20, tol=0.0)
+    scaled = cp_als((scale * x).astype(dtype), 4, seed=0, max_iter=20, tol=0.0)
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    assert scaled.rel_error == pytest.approx(base.rel_error, rel=rtol)
+    np.testing.assert_allclose(scaled.weights / scale, base.weights, rtol=10 * rtol)
 
 
 def test_tolerance_stops_early_and_reports_convergence():

@@ -262,8 +262,11 @@ def cp_als(
         Maximum number of ALS iterations (sweeps over all modes), >= 0; 0 returns the initial
         factors (unit columns, weights = product of the initial column norms).
     tol
-        Stop when the relative change of the error, ``|e_{k-1} - e_k| / e_{k-1}``, drops below tol
-        (>= 0; 0 runs all ``max_iter`` iterations unless the fit becomes exact).
+        Stop when the relative change of the error, ``|e_{k-1} - e_k| / e_{k-1}``, drops below tol,
+        or (tol > 0) when ``|e_{k-1}^2 - e_k^2|`` drops below the machine epsilon of the dtype: the
+        per-iteration error comes from MTTKRPs rounded in that dtype, so smaller changes are not
+        measurable (this matters for float32 fits with errors below ~1e-2). tol must be >= 0;
+        0 runs all ``max_iter`` iterations unless the fit becomes exact.
     seed
         Seed (int >= 0) for the random columns; None draws one (reported in the result).
     line_search
