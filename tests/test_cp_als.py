@@ -306,6 +306,18 @@ def test_torch_input_thread_counts_and_estimator():
         CPALS(5, iterations=3)
 
 
+@pytest.mark.parametrize("shape,rank", [((64, 32, 3, 3), 128), ((8, 64, 64, 8), 64)])
+def test_threaded_phases_agree_with_one_thread(shape, rank):
+    # Large enough that the GEMM phases (and, for the second shape, the contractions) really split.
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    one = cp_als(x, rank, seed=0, max_iter=3, tol=0.0, num_threads=1)
+    two = [cp_als(x, rank, seed=0, max_iter=3, tol=0.0, num_threads=2) for _ in range(2)]
+    np.testing.assert_array_equal(two[0].factors[0], two[1].factors[0])
+    assert two[0].error_history == two[1].error_history
+    np.testing.assert_allclose(two[0].error_history, one.error_history, rtol=1e-5)
+    np.testing.assert_allclose(two[0].to_tensor(), one.to_tensor(), atol=1e-4 * np.abs(x).max())
+
+
 def test_zero_tensor_gives_zero_weights():
     result = cp_als(np.zeros((4, 3, 2)), 2, seed=0)
     assert result.rel_error == 0.0 and result.n_iter == 0 and result.converged

@@ -1,15 +1,21 @@
 // CP-ALS kernels: dimension-tree MTTKRPs on OpenBLAS GEMMs, cached Grams, Cholesky normal equations.
 // See cp_als.h for the scheme. Every parallel loop splits work statically by thread index and reduces
 // per-thread partial sums in thread order, so results are bit-for-bit repeatable for a thread count.
+//
+// Threads: plain std::threads started for each large parallel phase (the two GEMM phases of a sweep)
+// and joined at its end, OpenBLAS single-threaded inside. Not OpenMP: an OpenMP team's idle workers
+// spin-wait through the serial phases between (the R x R solves), and on a busy machine that spinning
+// took the core from the thread doing the serial work (measured: 2 threads 4x slower than 1 with
+// libgomp's default wait policy). Not OpenBLAS's own pool either (its workers also spin; measured
+// 10-20x slower under load). A thread start costs ~20 us, negligible next to a phase (>= 1 ms).
 #include "cp_als/cp_als.h"
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "cp_als/openblas_api.h"
@@ -27,6 +33,21 @@ constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;
 
 int threads_for_work(int64_t work, int num_threads) {
     return static_cast<int>(std::clamp<int64_t>(work / kMinWorkPerThread, 1, num_threads));
+}
+
+// Runs body(t) for t = 0..threads-1, t = 0 on the calling thread; returns when all are done.
+// body must not throw (callers allocate everything beforehand).
+template <typename Body>
+void run_in_threads(int threads, Body&& body) {
+    if (threads <= 1) {
+        body(0);
+        return;
+    }
+    std::vector<std::thread> workers;
+    workers.reserve(static_cast<size_t>(threads - 1));
+    for (int t = 1; t < threads; ++t) workers.emplace_back([&body, t] { body(t); });
+    body(0);
+    for (auto& w : workers) w.join();
 }
 
 std::pair<int64_t, int64_t> split_range(int64_t n, int parts, int index) {
@@ -96,9 +117,7 @@ void for_each_khatri_rao_block(const std::vector<int64_t>& shape, const std::vec
     std::vector<T> blocks(static_cast<size_t>(block_elems * threads));
     const T* A1 = A[1];
 
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num();
+    run_in_threads(threads, [&](int t) {
         const auto [row0, row1] = split_range(I0, threads, t);
         T* block = blocks.data() + block_elems * t;
         if (row1 > row0) {
@@ -115,7 +134,7 @@ void for_each_khatri_rao_block(const std::vector<int64_t>& shape, const std::vec
                 fn(t, row0, row1, p0 * rest_rows, (p1 - p0) * rest_rows, static_cast<const T*>(block));
             }
         }
-    }
+    });
 }
 
 // out (I_0 x R) = X_(0) * KR(A_1..A_{N-1}): the mode-0 MTTKRP, GEMMs over Khatri-Rao row blocks.
@@ -136,11 +155,10 @@ void contract_mode0(const T* x, const std::vector<int64_t>& shape, const T* A0, 
     const int64_t I0 = shape[0];
     const int64_t J = product(shape, 1, shape.size());
     const int threads = J >= 64 * static_cast<int64_t>(num_threads) ? threads_for_work(I0 * J * R, num_threads) : 1;
-#pragma omp parallel num_threads(threads)
-    {
-        const auto [j0, j1] = split_range(J, threads, omp_get_thread_num());
+    run_in_threads(threads, [&](int t) {
+        const auto [j0, j1] = split_range(J, threads, t);
         if (j1 > j0) blas::gemm(true, false, j1 - j0, R, I0, T(1), x + j0, J, A0, R, T(0), W + j0 * R, R);
-    }
+    });
 }
 
 // M (I_n x R) = MTTKRP of mode n >= 1 from W = X_(0)^T A_0 laid out as [i_1, ..., i_{N-1}, r]:
@@ -159,9 +177,8 @@ void mttkrp_from_contraction(const T* W, const std::vector<int64_t>& shape, int 
     std::fill(M, M + In * R, 0.0);
     const int threads = R >= 16 * static_cast<int64_t>(num_threads) ? threads_for_work(a * In * b * R, num_threads) : 1;
     std::vector<double> inner_all(static_cast<size_t>(R));
-#pragma omp parallel num_threads(threads)
-    {
-        const auto [c0, c1] = split_range(R, threads, omp_get_thread_num());
+    run_in_threads(threads, [&](int t) {
+        const auto [c0, c1] = split_range(R, threads, t);
         double* inner = inner_all.data() + c0;
         const int64_t nc = c1 - c0;
         for (int64_t ia = 0; ia < a; ++ia) {
@@ -177,7 +194,7 @@ void mttkrp_from_contraction(const T* W, const std::vector<int64_t>& shape, int 
                 for (int64_t c = 0; c < nc; ++c) m[c] += ka[c] * inner[c];
             }
         }
-    }
+    });
 }
 
 // G (R x R) = A^T A in double for an I x R factor stored in T.

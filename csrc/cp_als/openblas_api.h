@@ -44,8 +44,9 @@ inline void gram(int64_t n, int64_t k, const double* a, double* c) {
         for (int64_t j = 0; j < i; ++j) c[i * n + j] = c[j * n + i];
 }
 
-// OpenBLAS stays single-threaded inside CP-ALS: the parallelism comes from OpenMP (the libgomp that
-// torch loads), so OpenBLAS's own pthread pool never competes with torch's threads for the cores.
+// OpenBLAS stays single-threaded inside CP-ALS: the parallelism comes from our own threads splitting
+// the GEMMs (see cp_als.cpp), so OpenBLAS's pthread pool never competes with torch's threads.
+// (openblas_set_num_threads is process-wide; the previous value is restored on exit.)
 class SingleThreadScope {
 public:
     SingleThreadScope() : previous_(scipy_openblas_get_num_threads()) {
