@@ -15,6 +15,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -45,7 +46,13 @@ void run_in_threads(int threads, Body&& body) {
     }
     std::vector<std::thread> workers;
     workers.reserve(static_cast<size_t>(threads - 1));
-    for (int t = 1; t < threads; ++t) workers.emplace_back([&body, t] { body(t); });
+    int started = 1;
+    try {
+        for (; started < threads; ++started) workers.emplace_back([&body, t = started] { body(t); });
+    } catch (const std::system_error&) {
+        // No thread could be started (resource limits): do the remaining parts here instead.
+    }
+    for (int t = started; t < threads; ++t) body(t);
     body(0);
     for (auto& w : workers) w.join();
 }
