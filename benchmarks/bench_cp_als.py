@@ -12,7 +12,7 @@ cpconv, it computes the error every iteration (with tol=0 it would skip it).
 
 Usage::
 
-    python benchmarks/bench_cp_als.py [--repeats 5] [--ranks 64 200] [--threads 1]
+    python benchmarks/bench_cp_als.py [--repeats 5] [--ranks 64 200] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 200])
-    parser.add_argument("--threads", type=int, default=1, help="cpconv threads (TensorLy always 1)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="cpconv thread counts, timed interleaved (TensorLy always 1)")
     parser.add_argument("--cpconv-iters", type=int, default=30)
     parser.add_argument("--tensorly-iters", type=int, default=4)
     args = parser.parse_args()
@@ -94,22 +95,23 @@ def main() -> None:
     print(f"tensor {SHAPE} float32; cpconv threads={args.threads}, tensorly threads=1")
     with threadpool_limits(limits=1):
         for rank in args.ranks:
-            start = cpconv.cp_als(x, rank, init="svd", seed=0, max_iter=0, num_threads=args.threads)
-            ours, theirs = [], []
+            start = cpconv.cp_als(x, rank, init="svd", seed=0, max_iter=0)
+            ours = {nt: [] for nt in args.threads}
+            theirs = []
             for _ in range(args.repeats):
-                t, err_ours = time_cpconv(x, start, args.cpconv_iters, args.threads)
-                ours.append(t)
-                t, err_theirs = time_tensorly(x, start, args.tensorly_iters)
-                theirs.append(t)
-            # Same number of iterations for the quality comparison.
-            same = cpconv.cp_als(x, rank, init=start, max_iter=args.tensorly_iters, tol=0.0, num_threads=args.threads)
-            o, t = statistics.median(ours), statistics.median(theirs)
-            print(
-                f"R={rank:4d}: cpconv {o * 1e3:8.2f} ms/iter (min {min(ours) * 1e3:.2f}), "
-                f"tensorly {t * 1e3:8.1f} ms/iter (min {min(theirs) * 1e3:.1f}), speed-up x{t / o:.1f} "
-                f"(median ratio); rel. error after {args.tensorly_iters} iters: cpconv {same.rel_error:.6f}, "
-                f"tensorly {err_theirs:.6f}"
-            )
+                for nt in args.threads:
+                    ours[nt].append(time_cpconv(x, start, args.cpconv_iters, nt)[0])
+                theirs.append(time_tensorly(x, start, args.tensorly_iters)[0])
+            # Quality at the same number of iterations from the same start.
+            same = cpconv.cp_als(x, rank, init=start, max_iter=args.tensorly_iters, tol=0.0)
+            _, err_theirs = time_tensorly(x, start, args.tensorly_iters)
+            t = statistics.median(theirs)
+            print(f"R={rank:4d}: tensorly {t * 1e3:8.1f} ms/iter (min {min(theirs) * 1e3:.1f}); rel. error after "
+                  f"{args.tensorly_iters} iters from the same init: cpconv {same.rel_error:.6f}, tensorly {err_theirs:.6f}")
+            for nt, times in ours.items():
+                o = statistics.median(times)
+                print(f"        cpconv {nt} thread(s) {o * 1e3:8.2f} ms/iter (min {min(times) * 1e3:.2f}), "
+                      f"speed-up x{t / o:.1f} (ratio of medians)")
     print(f"load average after: {os.getloadavg()}")
 
 
