@@ -15,7 +15,7 @@ from tensorly.decomposition import parafac
 
 import cpconv
 from cpconv import CPALSResult, cp_als
-from cpconv.cp_als import CPALS, MAX_CP_ALS_RANK, cp_to_tensor, max_cp_als_rank
+from cpconv.cp_als import CPALS, MAX_CP_ALS_RANK, max_cp_als_rank
 
 
 # --------------------------------------------------------------------------------------------------

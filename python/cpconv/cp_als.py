@@ -26,7 +26,7 @@ import torch
 
 from . import _core
 
-__all__ = ["CPALS", "CPALSResult", "cp_als", "max_cp_als_rank", "MAX_CP_ALS_RANK"]
+__all__ = ["CPALS", "CPALSResult", "cp_als", "cp_to_tensor", "max_cp_als_rank", "MAX_CP_ALS_RANK"]
 
 #: Hard cap on the rank, whatever the shape: the R x R Gram matrices (one per mode, float64) stay
 #: below ~130 MB each.
