@@ -76,8 +76,9 @@ class CPALSResult:
         True when the relative change of the error fell below ``tol`` (or the fit became exact).
     error_history : list of float
         The relative error after each iteration, from the fast formula
-        ``||X||^2 - 2<X, X_hat> + ||X_hat||^2`` (float32 inputs: accurate to about 1e-4 absolute;
-        ``rel_error`` is the exact figure).
+        ``||X||^2 - 2<X, X_hat> + ||X_hat||^2`` with MTTKRPs rounded in the input dtype: e^2 is
+        resolved to about eps(dtype), i.e. ~1e-7 / (2 e) absolute on e for float32 (1e-5 at e = 0.01).
+        ``rel_error`` is the exact figure.
     max_congruence : float
         Largest ``|prod_n <a_n_r, a_n_s>|`` over pairs of components r != s (0 for R = 1): near 1 with
         large, cancelling weights is the degenerate, diverging pattern of Phan et al. (ECCV 2020).
