@@ -9,7 +9,16 @@ import torch  # noqa: F401  (must precede _core, see above)
 from . import _core  # noqa: F401
 from .cp_conv import CPConv2d
 from .reference import cp_conv2d_reference
+from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
 
 __version__ = "0.1.0"
 
-__all__ = ["CPConv2d", "cp_conv2d_reference", "__version__"]
+__all__ = [
+    "CPConv2d",
+    "VBMFResult",
+    "cp_conv2d_reference",
+    "evbmf",
+    "evbmf_tau_bar",
+    "vbmf",
+    "__version__",
+]
