@@ -8,6 +8,7 @@ import torch  # noqa: F401  (must precede _core, see above)
 
 from . import _core  # noqa: F401
 from .cp_conv import CPConv2d
+from .rank_selection import RankSelection, max_cp_rank, select_rank
 from .reference import cp_conv2d_reference
 from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
 
@@ -15,10 +16,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CPConv2d",
+    "RankSelection",
     "VBMFResult",
     "cp_conv2d_reference",
     "evbmf",
     "evbmf_tau_bar",
+    "max_cp_rank",
+    "select_rank",
     "vbmf",
     "__version__",
 ]
