@@ -326,3 +326,29 @@ def test_core_rejects_unsorted_or_inconsistent_spectrum():
         core.evbmf(np.array([3.0, 2.0]), 3, 2, 20.0)
     with pytest.raises(TypeError):
         core.evbmf(np.array([3.0, 2.0], dtype=np.float32), 2, 3, 20.0)  # noconvert: float64 only
+
+
+@pytest.mark.parametrize("shape", [(1, 50), (50, 1), (1, 1), (2, 2), (3, 200)])
+def test_tiny_matrices(shape):
+    got = cpconv.evbmf(np.random.default_rng(0).standard_normal(shape))
+    assert 0 <= got.rank <= min(shape)
+    assert got.sigma2 > 0 and got.threshold > 0
+    if min(shape) == 1:  # a single row/column cannot separate signal from noise
+        assert got.rank == 0
+
+
+def test_truncated_spectrum_gives_the_full_spectrum_answer():
+    # The C++ solver also accepts the top H singular values plus ||Y||_F^2 (the rest is residual energy):
+    # the objective differs by a constant and the lower bound is the same, so the answer must not change.
+    rng = np.random.default_rng(9)
+    Y = planted(60, 240, 6, rng)
+    full = cpconv.evbmf(Y)
+    frob = float(np.sum(Y**2))
+    for H in (59, 50, 45):
+        got = cpconv._core.vbmf.evbmf(np.ascontiguousarray(full.singular_values[:H]), 60, 240, frob)
+        assert got["rank"] == full.rank
+        assert got["sigma2"] == pytest.approx(full.sigma2, rel=1e-6)
+        np.testing.assert_allclose(got["shrunk"], full.shrunk[:H], rtol=1e-5, atol=1e-12)
+    # H <= H_bar: the lower bound comes from the residual alone
+    got = cpconv._core.vbmf.evbmf(np.ascontiguousarray(full.singular_values[:10]), 60, 240, frob)
+    assert got["rank"] == full.rank
