@@ -5,8 +5,10 @@ first makes the extension bind to that same runtime instead of loading a second 
 """
 
 import torch  # noqa: F401  (must precede _core, see above)
+import scipy_openblas32  # noqa: F401  (loads libscipy_openblas.so, the BLAS _core's cp_als links to)
 
 from . import _core  # noqa: F401
+from .cp_als import CPALS, CPALSResult, cp_als
 from .cp_conv import CPConv2d
 from .rank_selection import RankSelection, max_cp_rank, select_rank
 from .reference import cp_conv2d_reference
@@ -15,9 +17,12 @@ from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
 __version__ = "0.1.0"
 
 __all__ = [
+    "CPALS",
+    "CPALSResult",
     "CPConv2d",
     "RankSelection",
     "VBMFResult",
+    "cp_als",
     "cp_conv2d_reference",
     "evbmf",
     "evbmf_tau_bar",
