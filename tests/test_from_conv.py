@@ -2,6 +2,7 @@
 decomposition_info, and bad input."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -34,7 +35,9 @@ def planted_conv(in_ch, out_ch, kernel_size, group_rank, *, groups=1, bias=True,
 
 def rel_output_error(conv, layer, hw=(9, 11), seed=1):
     x = torch.randn(2, conv.in_channels, *hw, generator=torch.Generator().manual_seed(seed), dtype=conv.weight.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch warns that padding='same' with an even kernel copies the input: irrelevant here
+        warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
         ref = conv(x)
         out = layer(x)
     return float((out - ref).norm() / ref.norm())
@@ -68,7 +71,8 @@ def test_planted_cp_kernel_recovered(in_ch, out_ch, kernel, group_rank, groups, 
         conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
     assert (layer.bias is None) == (not bias)
     info = layer.decomposition_info
-    assert info["rel_error"] < 1e-4, info
+    # float32 ALS stops near sqrt(eps32) ~ 1e-4: its fast error formula cannot resolve smaller changes
+    assert info["rel_error"] < 5e-4, info
     assert rel_output_error(conv, layer) < 1e-3
     if bias:
         torch.testing.assert_close(layer.bias, conv.bias)
@@ -88,9 +92,10 @@ def test_decomposition_info_is_complete_and_json_serialisable():
     conv = planted_conv(6, 8, 3, 3, padding=1)
     layer = CPConv2d.from_conv(conv, rank=3, seed=0, max_iter=50)
     info = json.loads(json.dumps(layer.decomposition_info))
-    for key in ("rank_selection", "rank", "method", "rel_error", "n_iter", "converged", "degeneracy", "seconds",
-                "cp_als_options", "per_group"):
+    for key in ("rank_selection", "rank", "method", "rel_error", "n_iter", "converged", "degeneracy",
+                "max_congruence", "seconds", "cp_als_options", "per_group"):
         assert key in info, key
+    assert 0 < info["degeneracy"] < 2 and 0 <= info["max_congruence"] <= 1
     assert info["method"] == "cp_als" and info["rank"] == 3
     assert info["rank_selection"]["method"] == "fixed"
     assert 1 <= info["n_iter"] <= 50 and info["seconds"] >= 0
@@ -109,7 +114,7 @@ def test_float64_conv_keeps_dtype_and_factor_balance():
     conv = planted_conv(6, 8, (3, 2), 3, dtype=torch.float64, padding=1)
     layer = CPConv2d.from_conv(conv, rank=3, seed=0, max_iter=2000, tol=1e-14)
     assert all(f.dtype == torch.float64 for f in layer.factors)
-    assert layer.decomposition_info["rel_error"] < 1e-8
+    assert layer.decomposition_info["rel_error"] < 1e-7  # float64 ALS: near sqrt(eps64)
     # Every rank-one component has equal column norms across the four factors.
     norms = torch.stack([f.norm(dim=0) for f in layer.factors])
     torch.testing.assert_close(norms, norms[:1].expand_as(norms), rtol=1e-9, atol=1e-12)

@@ -228,3 +228,11 @@ def test_rank_zero_for_all_zero_kernel():
 def test_bad_input(kernel, call, exc, match):
     with pytest.raises(exc, match=match):
         call(kernel)
+
+
+def test_rank_limit_respects_the_cp_als_cap():
+    from cpconv.cp_als import MAX_CP_ALS_RANK
+
+    assert cpconv.max_cp_rank((1024, 1024, 3, 3)) == MAX_CP_ALS_RANK  # bound 9216 capped
+    assert cpconv.max_cp_rank((2048, 1024, 3, 3), groups=2) == 2 * MAX_CP_ALS_RANK
+    assert cpconv.max_cp_rank((8192, 6000, 1, 1)) == 6000  # 1x1: truncated SVD, no ALS cap

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cp_als import cp_als
 from .rank_selection import RankSelection, _kernel_and_groups, select_rank
 
 __all__ = ["decompose_conv", "SELECT_RANK_OPTIONS", "CP_ALS_OPTIONS"]
@@ -23,12 +24,6 @@ __all__ = ["decompose_conv", "SELECT_RANK_OPTIONS", "CP_ALS_OPTIONS"]
 SELECT_RANK_OPTIONS = ("combine", "weakening", "min_rank", "max_rank", "multiple_of", "prior", "sigma2",
                        "energy", "ratio")
 CP_ALS_OPTIONS = ("init", "max_iter", "tol", "seed", "line_search", "l2_reg")
-
-
-def _cp_als():
-    from . import cp_als  # the CP-ALS capability (C++ core, python/cpconv/cp_als.py)
-
-    return getattr(cp_als, "cp_als", cp_als)
 
 
 def _balanced(weights: np.ndarray, factors):
@@ -72,8 +67,10 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
         ``rank_selection`` (:meth:`RankSelection.to_dict`), ``rank``, ``method`` (``"cp_als"`` or
         ``"svd"``), ``rel_error`` (||K - K_cp||_F / ||K||_F measured on the returned factors),
         ``n_iter`` (max over groups), ``converged`` (all groups), ``degeneracy`` (max over groups of
-        sum_r ||component_r||^2 / ||K_g||^2: about 1 or less for a healthy decomposition, large when
-        diverging components cancel each other), ``seconds`` and per-group details.
+        sqrt(sum_r weight_r^2) / ||K_g||_F, CP-ALS's ``component_norm_ratio``: about 1 or less for a
+        healthy decomposition, much larger when diverging components cancel each other),
+        ``max_congruence`` (max over groups; near 1 together with a large ``degeneracy`` is the
+        degenerate pattern), ``seconds``, ``cp_als_options`` and ``per_group`` (the same per group).
 
     Raises
     ------
@@ -145,19 +142,21 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
             root = np.sqrt(sv[:group_rank])
             factors = [left[:, :group_rank] * root, right_t[:group_rank].T * root,
                        np.ones((1, group_rank)), np.ones((1, group_rank))]
-            components = sv[:group_rank]
             info = {"n_iter": 0, "converged": True,
-                    "rel_error": float(np.sqrt(np.sum(sv[group_rank:] ** 2)) / norm) if norm else 0.0}
+                    "rel_error": float(np.sqrt(np.sum(sv[group_rank:] ** 2)) / norm) if norm else 0.0,
+                    # singular vectors are orthogonal: no cancelling components
+                    "degeneracy": float(np.sqrt(np.sum(sv[:group_rank] ** 2)) / norm) if norm else 0.0,
+                    "max_congruence": 0.0}
         elif norm == 0.0:
             factors = [np.zeros((d, group_rank)) for d in (n_g, c_g, kh, kw)]
-            components = np.zeros(group_rank)
-            info = {"n_iter": 0, "converged": True, "rel_error": 0.0}
+            info = {"n_iter": 0, "converged": True, "rel_error": 0.0, "degeneracy": 0.0, "max_congruence": 0.0}
         else:
-            result = _cp_als()(block.astype(als_dtype), group_rank, **als_options)
-            factors, components = _balanced(result.weights, result.factors)
+            result = cp_als(block.astype(als_dtype), group_rank, **als_options)
+            factors, _ = _balanced(result.weights, result.factors)
             info = {"n_iter": int(result.n_iter), "converged": bool(result.converged),
-                    "rel_error": _json_float(result.rel_error)}
-        info["degeneracy"] = float(np.sum(components**2) / norm**2) if norm else 0.0
+                    "rel_error": _json_float(result.rel_error),
+                    "degeneracy": _json_float(result.component_norm_ratio),
+                    "max_congruence": _json_float(result.max_congruence)}
         per_group.append(info)
         U[g * n_g:(g + 1) * n_g] = factors[0]
         S[:, cols] = factors[1]
@@ -184,7 +183,10 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
         "rel_error": rel_error,
         "n_iter": max(info["n_iter"] for info in per_group),
         "converged": all(info["converged"] for info in per_group),
-        "degeneracy": max(info["degeneracy"] for info in per_group),
+        "degeneracy": max((info["degeneracy"] for info in per_group if info["degeneracy"] is not None),
+                          default=None),
+        "max_congruence": max((info["max_congruence"] for info in per_group if info["max_congruence"] is not None),
+                              default=None),
         "seconds": time.perf_counter() - start,
         "cp_als_options": {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v))
                            for k, v in als_options.items()},

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cp_als import MAX_CP_ALS_RANK
 from .vbmf import VBMFResult, _positive_float, evbmf, vbmf
 
 __all__ = ["RankSelection", "select_rank", "max_cp_rank", "COMBINE_RULES", "RANK_METHODS"]
@@ -128,7 +129,9 @@ def max_cp_rank(kernel_shape, groups: int = 1) -> int:
     """Largest total rank :func:`select_rank` and ``from_conv`` accept for a kernel.
 
     Any tensor of shape (I1, I2, I3, I4) has CP rank at most min_k prod_{j != k} I_j; a rank above that
-    only adds parameters. With groups, that bound per group (N/G x C/G x kh x kw) times G.
+    only adds parameters. With groups, that bound per group (N/G x C/G x kh x kw) times G. A kernel
+    larger than 1x1 is decomposed by :func:`cpconv.cp_als`, whose rank is also capped at
+    ``cpconv.cp_als.MAX_CP_ALS_RANK`` (4096) per group; a 1x1 kernel (truncated SVD) is not.
 
     Parameters
     ----------
@@ -139,8 +142,10 @@ def max_cp_rank(kernel_shape, groups: int = 1) -> int:
     """
     n, c_g, kh, kw = (int(s) for s in kernel_shape)
     dims = (n // groups, c_g, kh, kw)
-    prod = math.prod(dims)
-    return groups * min(prod // d for d in dims)
+    per_group = math.prod(dims) // max(dims)
+    if kh * kw > 1:
+        per_group = min(per_group, MAX_CP_ALS_RANK)
+    return groups * per_group
 
 
 def _kernel_and_groups(conv_or_weight, groups):
