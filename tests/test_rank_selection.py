@@ -236,3 +236,45 @@ def test_rank_limit_respects_the_cp_als_cap():
     assert cpconv.max_cp_rank((1024, 1024, 3, 3)) == MAX_CP_ALS_RANK  # bound 9216 capped
     assert cpconv.max_cp_rank((2048, 1024, 3, 3), groups=2) == 2 * MAX_CP_ALS_RANK
     assert cpconv.max_cp_rank((8192, 6000, 1, 1)) == 6000  # 1x1: truncated SVD, no ALS cap
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2, 4]),
+    c_g=st.integers(1, 6),
+    n_g=st.integers(1, 6),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    method=st.one_of(st.integers(1, 400), st.sampled_from(["ratio", "energy", "evbmf"])),
+    min_rank=st.integers(1, 12),
+    extra=st.one_of(st.none(), st.integers(0, 30)),
+    multiple_of=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_clamping_invariants(groups, c_g, n_g, kh, kw, method, min_rank, extra, multiple_of, seed):
+    weight = torch.randn(n_g * groups, c_g, kh, kw, generator=torch.Generator().manual_seed(seed))
+    limit = cpconv.max_cp_rank(weight.shape, groups)
+    max_rank = None if extra is None else min_rank + extra
+    options = {"ratio": 2.0} if method == "ratio" else {}
+    step = math.lcm(multiple_of, groups)
+    cap = limit if max_rank is None else min(limit, max_rank)
+    try:
+        sel = cpconv.select_rank(weight, method, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
+                                 groups=groups, **options)
+    except ValueError as e:
+        # only two legitimate refusals: an int rank above the limit, or no multiple of step under the cap
+        assert ("exceeds the limit" in str(e) and isinstance(method, int) and method > limit) or (
+            "no rank that is a multiple" in str(e) and cap < step), str(e)
+        return
+    assert sel.rank % step == 0 and sel.rank <= cap and sel.rank <= limit
+    if sel.rank == 0:
+        assert method in ("evbmf", "energy") and "leave this layer dense" in sel.reason
+    elif method != "ratio":
+        # rounded up from max(unadjusted, min_rank) unless the cap forced it down
+        wanted = max(min(max(sel.unadjusted_rank, min_rank), cap), 1)
+        assert sel.rank >= wanted or sel.rank == cap // step * step
+    json.dumps(sel.to_dict())
