@@ -210,7 +210,7 @@ def test_rank_selection_for_another_kernel_is_refused():
         CPConv2d.from_conv(nn.Conv2d(4, 4, 3), rank=sel, min_rank=2)
 
 
-def test_unaffected_forward_matches_dense_reconstruction():
+def test_returned_layer_forward_matches_its_dense_kernel():
     # The returned layer is an ordinary CPConv2d: its output equals the conv with its dense kernel.
     conv = planted_conv(6, 8, 3, 3, padding=1, stride=2)
     layer = CPConv2d.from_conv(conv, rank=3, seed=0, max_iter=30)
@@ -219,3 +219,10 @@ def test_unaffected_forward_matches_dense_reconstruction():
         torch.testing.assert_close(layer(x), F.conv2d(x, layer.dense_weight(), conv.bias, stride=2, padding=1),
                                    rtol=1e-4, atol=1e-5)
     assert np.isfinite(layer.decomposition_info["degeneracy"])
+
+
+def test_half_precision_conv_keeps_dtype():
+    conv = planted_conv(6, 8, 3, 2, padding=1).to(torch.float16)
+    layer = CPConv2d.from_conv(conv, rank=2, seed=0, max_iter=200)
+    assert all(f.dtype == torch.float16 for f in layer.factors) and layer.bias.dtype == torch.float16
+    assert layer.decomposition_info["rel_error"] < 1e-2  # float16 rounding of the factors
