@@ -110,9 +110,10 @@ def test_same_seed_same_factors():
 
 
 def test_float64_conv_keeps_dtype_and_factor_balance():
-    conv = planted_conv(6, 8, (3, 2), 3, dtype=torch.float64, padding=1)
+    conv = planted_conv(6, 8, (3, 2), 3, dtype=torch.float64, padding=1).eval()
     layer = CPConv2d.from_conv(conv, rank=3, seed=0, max_iter=2000, tol=1e-14)
     assert all(f.dtype == torch.float64 for f in layer.factors)
+    assert not layer.training  # follows the conv's mode
     assert layer.decomposition_info["rel_error"] < 1e-7  # float64 ALS: near sqrt(eps64)
     # Every rank-one component has equal column norms across the four factors.
     norms = torch.stack([f.norm(dim=0) for f in layer.factors])

@@ -172,6 +172,7 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=groups,
         padding_mode=conv.padding_mode,
     )
+    layer.train(conv.training)
     # The error of what is actually returned (factors cast to the conv's dtype), in float64.
     with torch.no_grad():
         approx = layer.dense_weight().detach().to(device="cpu", dtype=torch.float64).numpy()
