@@ -10,8 +10,24 @@ import scipy_openblas32  # noqa: F401  (loads libscipy_openblas.so, the BLAS _co
 from . import _core  # noqa: F401
 from .cp_als import CPALS, CPALSResult, cp_als
 from .cp_conv import CPConv2d
+from .rank_selection import RankSelection, max_cp_rank, select_rank
 from .reference import cp_conv2d_reference
+from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
 
 __version__ = "0.1.0"
 
-__all__ = ["CPALS", "CPALSResult", "CPConv2d", "cp_als", "cp_conv2d_reference", "__version__"]
+__all__ = [
+    "CPALS",
+    "CPALSResult",
+    "CPConv2d",
+    "RankSelection",
+    "VBMFResult",
+    "cp_als",
+    "cp_conv2d_reference",
+    "evbmf",
+    "evbmf_tau_bar",
+    "max_cp_rank",
+    "select_rank",
+    "vbmf",
+    "__version__",
+]
