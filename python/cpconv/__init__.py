@@ -9,7 +9,16 @@ import torch  # noqa: F401  (must precede _core, see above)
 from . import _core  # noqa: F401
 from .cp_conv import CPConv2d
 from .reference import cp_conv2d_reference
+from .checkpoint import CheckpointError
+from .compress import compress
+from .finetune import accuracy, finetune
+from .latency import LatencyStats, measure_latency
+from .report import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
 
-__all__ = ["CPConv2d", "cp_conv2d_reference", "__version__"]
+__all__ = [
+    "CPConv2d", "cp_conv2d_reference", "__version__",
+    "compress", "CompressionReport", "LayerReport", "CheckpointError",
+    "finetune", "accuracy", "measure_latency", "LatencyStats",
+]
