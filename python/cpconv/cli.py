@@ -44,30 +44,25 @@ def _add_demo(sub) -> None:
     p.add_argument("--weakening", type=float, default=1.0,
                    help="MUSCO weakening w in [0, 1] of the EVBMF rank (1 = plain EVBMF; default: %(default)s)")
     p.add_argument("--uniform-ratio", type=float, metavar="R",
-                   help="fraction of parameters each layer keeps under the uniform schedule "
-                        "(default: what the iterative schedule reached)")
+                   help="parameter reduction factor of every layer under the uniform schedule "
+                        "(default: the factor the iterative schedule reached)")
     p.add_argument("--finetune-batches", type=int, metavar="N",
                    help="fine-tuning budget after every layer, in batches (default: 40; --quick: 4)")
     p.add_argument("--train-epochs", type=int, metavar="N", help="epochs of the dense training (default: 6; --quick: 4)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads for training and fine-tuning (default: torch's); latency always uses 1")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads for training, fine-tuning and CP-ALS (default: %(default)s: small batches gain "
+                        "little from more, and on a busy machine extra threads spin); latency always uses 1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args) -> int:
-    import torch
-
     from .demo.run import run_demo
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"cpconv demo: --threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     run_demo(args.out, quick=args.quick, schedules=args.schedule or ("iterative", "static", "uniform"),
              seed=args.seed, cache_dir=args.cache_dir, uniform_ratio=args.uniform_ratio, combine=args.combine,
              weakening=args.weakening, progress=not args.no_progress, finetune_batches=args.finetune_batches,
-             train_epochs=args.train_epochs)
+             train_epochs=args.train_epochs, threads=args.threads)
     return 0
 
 
@@ -100,7 +95,7 @@ def _run_inspect(args) -> int:
         try:
             input_shape = tuple(int(v) for v in args.input_shape.replace("x", ",").split(","))
         except ValueError:
-            raise SystemExit(f"cpconv inspect: --input-shape must look like 3,224,224, got {args.input_shape!r}")
+            raise ValueError(f"--input-shape must look like 3,224,224, got {args.input_shape!r}") from None
     result = inspect_model(args.model_file, input_shape=input_shape, method=args.method, combine=args.combine,
                            weakening=args.weakening)
     if args.json:

@@ -19,6 +19,8 @@ from torch import nn
 from .checkpoint import CheckpointState, CompressionCheckpoint, CheckpointError, capture_rng_state, restore_rng_state
 from .conv_args import ConvGeometry
 from .cp_conv import CPConv2d
+from .decompose import CP_ALS_OPTIONS
+from .rank_selection import select_rank
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "eligible_convs", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
@@ -26,17 +28,10 @@ __all__ = ["compress", "eligible_convs", "trace_convs", "SCHEDULES", "ALS_OPTION
 SCHEDULES = ("iterative", "static", "uniform")
 #: Keyword arguments of ``compress`` passed to the CP-ALS solver (``CPConv2d.from_conv``); every other
 #: extra keyword goes to the rank selection (``cpconv.select_rank``).
-ALS_OPTIONS = ("init", "max_iter", "tol", "seed", "line_search", "l2_reg")
+ALS_OPTIONS = tuple(CP_ALS_OPTIONS)
 
 _DENSE_REASON = ("rank selection found no singular value above the noise threshold (rank 0): the layer "
                  "carries no low-rank signal it can tell from noise, so it is left dense")
-
-
-def _select_rank(*args, **kwargs):
-    # Looked up at call time: ``select_rank`` lives in the rank-selection module of the package.
-    from . import select_rank
-
-    return select_rank(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------- layer discovery
@@ -242,8 +237,8 @@ def compress(
         before it is compressed, i.e. after the fine-tuning of the previous steps.
         ``"static"`` (the baseline): all ranks are selected from the original weights before anything
         is compressed, then the same compress/fine-tune loop runs.
-        ``"uniform"``: every layer keeps the same fraction ``ratio`` of its parameters (ranks from
-        ``select_rank(method="ratio")``); for comparison at matched compression.
+        ``"uniform"``: every layer gets the same parameter reduction factor ``ratio`` (ranks from
+        ``select_rank(method="ratio")``, chosen up front); for comparison at matched compression.
     fine_tune
         ``fine_tune(model, step)``, called after layer number ``step`` (0-based position in
         ``layers``) was replaced. Any training loop fits (:func:`cpconv.finetune`, your own, ...).
@@ -265,8 +260,8 @@ def compress(
         ``(C, H, W)`` (or ``(B, C, H, W)``) of one input. Needed for forward order and for FLOPs in
         the report; without it the report's FLOPs are ``None``.
     ratio
-        Fraction of each layer's parameters to keep, in (0, 1]: required by ``schedule="uniform"`` and
-        ``rank="ratio"``.
+        Parameter reduction factor of every layer (dense kernel parameters / CP factor parameters, at
+        least this; e.g. ``4.0``): required by ``schedule="uniform"`` and ``rank="ratio"``.
     **als_options
         ``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg`` go to CP-ALS; any other
         keyword (``min_rank``, ``max_rank``, ``multiple_of``, method options) to ``select_rank``.
@@ -308,10 +303,10 @@ def compress(
         raise TypeError(f"rank must be a method name or an int, got {rank!r}")
     if schedule == "uniform" or rank == "ratio":
         if ratio is None:
-            raise ValueError(f"schedule={schedule!r} with rank={rank!r} needs ratio= (the fraction of each "
-                             "layer's parameters to keep, in (0, 1])")
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+            raise ValueError(f"schedule={schedule!r} with rank={rank!r} needs ratio= (the parameter reduction "
+                             "factor every layer gets, e.g. 4.0 for 4x fewer kernel parameters)")
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"ratio must be a positive number (the parameter reduction factor), got {ratio!r}")
     elif ratio is not None:
         raise ValueError(f"ratio={ratio!r} is only used by schedule='uniform' or rank='ratio'")
     if schedule == "uniform" and rank not in ("evbmf", "ratio"):
@@ -398,17 +393,9 @@ class _PlannedSelection:
 
 def _choose_rank(conv, rank, combine, weakening, schedule, ratio, selection_kwargs):
     if schedule == "uniform" or rank == "ratio":
-        return _select_rank(conv, method="ratio", ratio=ratio, multiple_of=_multiple(conv, selection_kwargs),
-                            **{k: v for k, v in selection_kwargs.items() if k != "multiple_of"})
-    return _select_rank(conv, method=rank if isinstance(rank, str) else int(rank), combine=combine,
-                        weakening=weakening, multiple_of=_multiple(conv, selection_kwargs),
-                        **{k: v for k, v in selection_kwargs.items() if k != "multiple_of"})
-
-
-def _multiple(conv, selection_kwargs) -> int:
-    # The CP rank of a grouped conv is split evenly over the groups.
-    m = int(selection_kwargs.get("multiple_of", 1))
-    return m * conv.groups // math.gcd(m, conv.groups)
+        return select_rank(conv, method="ratio", ratio=ratio, **selection_kwargs)
+    return select_rank(conv, method=rank if isinstance(rank, str) else int(rank), combine=combine,
+                       weakening=weakening, **selection_kwargs)
 
 
 def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio, selection_kwargs,

@@ -119,7 +119,7 @@ def inspect_model(
         As for :func:`cpconv.select_rank`.
     """
     from . import select_rank
-    from .compress import _layer_flops, _multiple, trace_convs
+    from .compress import _layer_flops, trace_convs
 
     source = "model"
     if not isinstance(model, nn.Module):
@@ -146,8 +146,7 @@ def inspect_model(
         note = ""
         if m.in_channels // m.groups == 1:
             note = "one input channel per group: compress() skips it unless named"
-        selection = select_rank(m, method=method, combine=combine, weakening=weakening,
-                                multiple_of=_multiple(m, {}))
+        selection = select_rank(m, method=method, combine=combine, weakening=weakening)
         params_dense = sum(p.numel() for p in m.parameters())
         flops_dense = _layer_flops(m, input_hw)
         rank = int(selection.rank)

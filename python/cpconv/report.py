@@ -272,9 +272,10 @@ class CompressionReport:
         def line(cells):
             return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
 
-        title = (f"cpconv compression report: schedule={self.settings.get('schedule')}, "
-                 f"rank={self.settings.get('rank')}, combine={self.settings.get('combine')}, "
-                 f"weakening={self.settings.get('weakening')}"
+        st = self.settings
+        how = (f"ratio={st.get('ratio'):.3g}" if st.get("schedule") == "uniform" or st.get("rank") == "ratio"
+               else f"rank={st.get('rank')}, combine={st.get('combine')}, weakening={st.get('weakening')}")
+        title = (f"cpconv compression report: schedule={st.get('schedule')}, {how}"
                  + ("" if self.finished else f"  [{len(self.layers)}/{len(self.planned_layers)} layers done]"))
         sep = "  ".join("-" * w for w in widths)
         out = [title, line(header), sep] + [line(r) for r in rows[:-1]] + [sep, line(rows[-1])]

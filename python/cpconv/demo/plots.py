@@ -28,25 +28,28 @@ def plot_spectra(report, out_dir: str) -> List[str]:
     paths = []
     for layer in report.layers:
         details = (layer.selection or {}).get("details") or {}
-        modes = [m for m in ("output", "input") if isinstance(details.get(m), dict)
-                 and details[m].get("singular_values")]
+        modes = [m for m in ("output", "input") if details.get(m)]
         if not modes:
             continue
         fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.6), squeeze=False)
         n, c, kh, kw = layer.kernel_shape
-        shapes = {"output": f"{n} x {c * kh * kw}", "input": f"{c} x {n * kh * kw}"}
+        g = layer.groups
+        shapes = {"output": f"{n // g} x {c * kh * kw}", "input": f"{c} x {n // g * kh * kw}"}
         for ax, mode in zip(axes[0], modes):
-            d = details[mode]
-            sv = d["singular_values"]
-            ax.semilogy(range(1, len(sv) + 1), sv, "o-", ms=3, lw=1, label="singular values")
-            threshold = d.get("threshold")
-            if threshold is not None and threshold > 0:
-                ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"EVBMF threshold {threshold:.3g}")
+            per_group = details[mode] if isinstance(details[mode], list) else [details[mode]]
+            for gi, d in enumerate(per_group):
+                sv = d.get("singular_values") or []
+                label = "singular values" + (f" (group {gi})" if len(per_group) > 1 else "")
+                ax.semilogy(range(1, len(sv) + 1), sv, "o-", ms=3, lw=1, color=f"C{gi}", label=label)
+                threshold = d.get("threshold")
+                if threshold is not None and threshold > 0:
+                    ax.axhline(threshold, color="C3" if len(per_group) == 1 else f"C{gi}", ls="--", lw=1,
+                               label=f"EVBMF threshold {threshold:.3g} (rank {d.get('rank', '?')})")
             ax.set_title(f"{layer.name}: {mode}-channel unfolding ({shapes[mode]})\n"
-                         f"EVBMF rank {d.get('rank', '?')}", fontsize=9)
+                         f"{mode} rank {layer.mode_ranks.get(mode, '?')}", fontsize=9)
             ax.set_xlabel("index")
             ax.set_ylabel("singular value")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         fig.suptitle(f"{layer.name} ({layer.selected_from}): CP rank {layer.rank}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"spectrum_{re.sub(r'[^A-Za-z0-9_]+', '_', layer.name)}.png")
