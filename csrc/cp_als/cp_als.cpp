@@ -330,12 +330,15 @@ CPALSReport cp_als(const T* x, const std::vector<int64_t>& shape, int64_t R, con
         for (int64_t r = 0; r < R; ++r) V[r * R + r] += options.l2_reg;
         if (want_error) std::copy(M.begin(), M.begin() + In * R, M_copy.begin());
         if (solve_normal_equations(V, R, M.data(), In)) ++report.regularised_solves;
-        double inner = 0.0;
-        if (want_error)
-            for (int64_t e = 0; e < In * R; ++e) inner += M_copy[e] * M[e];
         normalise_columns(M.data(), In, R, A[n].data(), lambda.data());
         factor_gram(A[n].data(), In, R, G[n].data());
         if (!want_error) return 0.0;
+        // <X, X_hat> with the factor as stored (rounded to T), consistent with its Gram: mixing the
+        // unrounded solution in would put T's rounding error straight into the error estimate.
+        double inner = 0.0;
+        for (int64_t i = 0; i < In; ++i)
+            for (int64_t r = 0; r < R; ++r)
+                inner += M_copy[i * R + r] * static_cast<double>(A[n][i * R + r]) * lambda[r];
         // ||X_hat||^2 = lambda^T (V_data o G_n) lambda, with V_data the Hadamard product of the other Grams.
         double model2 = 0.0;
         for (int64_t r = 0; r < R; ++r)
@@ -418,7 +421,12 @@ CPALSReport cp_als(const T* x, const std::vector<int64_t>& shape, int64_t R, con
         report.error_history.push_back(err);
         report.n_iter = it;
         const size_t h = report.error_history.size();
-        if (err == 0.0 || (h >= 2 && std::abs(report.error_history[h - 2] - err) < options.tol * report.error_history[h - 2])) {
+        const double prev = h >= 2 ? report.error_history[h - 2] : std::numeric_limits<double>::infinity();
+        // The error formula ||X||^2 - 2<X, X_hat> + ||X_hat||^2 rests on MTTKRPs rounded in T, so changes
+        // of e^2 below eps(T) (relative to ||X||^2) are rounding, not progress: treat as converged
+        // (unless tol = 0, which asks for exactly max_iter iterations).
+        const double resolution = options.tol > 0.0 ? std::numeric_limits<T>::epsilon() : 0.0;
+        if (err == 0.0 || std::abs(prev - err) < options.tol * prev || std::abs(prev * prev - err * err) < resolution) {
             report.converged = true;
             break;
         }

@@ -18,7 +18,8 @@ namespace cpconv {
 
 struct CPALSOptions {
     int64_t max_iter = 500;
-    double tol = 1e-6;        // stop when |e_{k-1} - e_k| < tol * e_{k-1}
+    double tol = 1e-6;  // stop when |e_{k-1} - e_k| < tol * e_{k-1} or |e_{k-1}^2 - e_k^2| < eps(T)
+                        // (the resolution of the error formula); tol = 0 runs max_iter iterations
     bool line_search = false;  // Bro-style extrapolation, kept only when it lowers the error
     double l2_reg = 0.0;       // added to the diagonal of every normal-equation matrix
     int num_threads = 1;

@@ -57,7 +57,7 @@ class CPALSResult:
     """Result of :func:`cp_als`.
 
     The model is ``X_hat[i0, .., iN-1] = sum_r weights[r] * prod_n factors[n][i_n, r]``, with the
-    components sorted by decreasing weight.
+    components sorted by decreasing weight (after ``max_iter=0``: in the initial factors' order).
 
     Attributes
     ----------
@@ -345,9 +345,10 @@ def cp_als(
     weights = out["weights"]
     factors = out["factors"]
     rel_error = float(_core.cp_als.relative_error(x, weights, factors, num_threads))
-    order = np.argsort(-weights, kind="stable")
-    weights = weights[order]
-    factors = [np.ascontiguousarray(f[:, order]) for f in factors]
+    if out["n_iter"] > 0:
+        order = np.argsort(-weights, kind="stable")
+        weights = weights[order]
+        factors = [np.ascontiguousarray(f[:, order]) for f in factors]
     max_congruence, ratio = _congruence_and_ratio(weights, factors, norm_x)
     return CPALSResult(
         weights=weights.astype(x.dtype),
