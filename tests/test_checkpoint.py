@@ -14,10 +14,9 @@ import torch
 import cpconv
 from cpconv import CheckpointError, CompressionReport, compress
 
-HERE = os.path.dirname(__file__)
-sys.path.insert(0, HERE)
-from compress_worker import build_model  # noqa: E402
+from compress_worker import build_model
 
+HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "compress_worker.py")
 
 

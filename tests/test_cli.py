@@ -1,7 +1,6 @@
 """The ``cpconv`` command line: ``--help`` everywhere, ``demo --quick``, ``inspect``."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 import cpconv
-from cpconv.cli import build_parser, main
+from cpconv.cli import main
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["inspect", "--help"], ["bench", "--help"]])

@@ -2,22 +2,18 @@
 
 import copy
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import cpconv
 from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune
 from cpconv.compress import trace_convs
 from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
 from cpconv.demo.digits import load_digits, stratified_split
 
-sys.path.insert(0, os.path.dirname(__file__))
-from compress_worker import build_model, planted_conv  # noqa: E402
+from compress_worker import build_model, planted_conv
 
 SMALL = AlexNetConfig(channels=(8, 16, 32, 32, 24), hidden=32)
 
