@@ -189,3 +189,42 @@ def test_fine_tune_that_raises_keeps_the_checkpoint_valid(tmp_path):
     report = compress(model, fine_tune=working, checkpoint_dir=folder, progress=False, seed=0)
     assert calls == [2, 3] and report.finished and len(report.layers) == 4
     assert all(isinstance(model[i], cpconv.CPConv2d) for i in (0, 2, 4, 6))
+
+
+@pytest.mark.parametrize("crash_at", ["model-0002.pt", "report-0002.json", "rng-0002.json", "manifest.json"])
+def test_crash_inside_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, monkeypatch, crash_at):
+    """Simulate a kill inside the second checkpoint's write, right before each of its renames."""
+    def fine_tune(m, step):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape))  # global RNG: a wrong restore changes the result
+
+    torch.manual_seed(5)
+    reference = build_model()
+    ref_report = compress(reference, fine_tune=fine_tune, progress=False, seed=0)
+
+    folder = tmp_path / "ckpt"
+    real_replace = os.replace
+    state = {"saves": 0}
+
+    def replace(src, dst):
+        if os.path.basename(str(dst)) == "manifest.json":
+            state["saves"] += 1
+        if os.path.basename(str(dst)) == crash_at and state["saves"] >= (1 if crash_at != "manifest.json" else 2):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    torch.manual_seed(5)
+    with pytest.raises(KeyboardInterrupt):
+        compress(build_model(), fine_tune=fine_tune, checkpoint_dir=folder, progress=False, seed=0)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert cpconv.checkpoint.CompressionCheckpoint(folder).load().finished_layers == 1
+
+    torch.manual_seed(123)  # whatever the RNG is now, the checkpoint's state is restored
+    model = build_model()
+    report = compress(model, fine_tune=fine_tune, checkpoint_dir=folder, progress=False, seed=0)
+    assert report.ranks == ref_report.ranks
+    for (ka, va), (kb, vb) in zip(reference.state_dict().items(), model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert sorted(os.listdir(folder)) == ["manifest.json", "model-0004.pt", "report-0004.json", "rng-0004.json"]
