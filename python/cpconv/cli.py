@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         status = args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"cpconv {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(status or 0)

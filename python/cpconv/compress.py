@@ -247,7 +247,10 @@ def compress(
         each fine-tuning; recorded in the report.
     checkpoint_dir
         Folder for a checkpoint written atomically after every finished layer (model state, report,
-        RNG states of torch/NumPy/random). See :mod:`cpconv.checkpoint`.
+        global RNG states of torch/NumPy/random). See :mod:`cpconv.checkpoint`. Nothing else is
+        saved: a ``fine_tune`` that carries its own state from one step to the next (an optimizer, a
+        ``DataLoader`` with its own ``torch.Generator``) must rebuild it from ``step`` (e.g. seed a
+        generator with ``step``) for a resumed run to equal an uninterrupted one.
     resume
         With ``checkpoint_dir`` holding a checkpoint of a run with the same arguments, restore it
         (the model's state, its replaced layers, the report, the RNG states) and continue after the

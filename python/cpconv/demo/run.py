@@ -122,6 +122,11 @@ def _run_demo(out_dir, *, quick, schedules, seed, cache_dir, uniform_ratio, comb
     if isinstance(schedules, str) or not set(schedules) <= set(SCHEDULES) or not schedules:
         raise ValueError(f"schedules must be a non-empty subset of {SCHEDULES}, got {schedules!r}")
     schedules = [s for s in SCHEDULES if s in schedules]
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # fail before the work, not at the plots
+        raise ImportError("cpconv demo draws its plots with matplotlib, which is not installed: "
+                          "pip install 'cpconv[demo]'")
     os.makedirs(out_dir, exist_ok=True)
     cache_dir = cache_dir if cache_dir is not None else os.path.join(out_dir, "cache")
     start_all = time.perf_counter()
