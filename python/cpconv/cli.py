@@ -118,7 +118,8 @@ def _add_bench(sub) -> None:
         p.set_defaults(handler=lambda args: _bench_missing(error))
         return
     p = sub.add_parser("bench", help="benchmark the fused CP conv kernel against PyTorch's four stages",
-                       description=(bench.__doc__ or "Benchmark CP conv layers.").strip().splitlines()[0])
+                       description=(bench.__doc__ or "Benchmark CP conv layers.").strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)
     p.set_defaults(handler=lambda args: bench.run(args))
 
