@@ -23,14 +23,14 @@ __all__ = ["run_demo", "DEMO_SETTINGS", "QUICK_SETTINGS"]
 DEMO_SETTINGS = dict(
     train_per_class=None, test_per_class=None,  # all 4,000 / 1,000 digits of the split
     train_epochs=6, train_batch=64, train_lr=2e-3,
-    finetune_batches=40, finetune_batch=64, finetune_lr=3e-3,
+    finetune_batches=40, finetune_batch=64, finetune_lr=3e-4,
     latency_rounds=3, latency_repeats=30,
 )
 #: ``--quick``: a few hundred digits, a short training, a tiny fine-tuning budget (used by the tests).
 QUICK_SETTINGS = dict(
     train_per_class=60, test_per_class=20,
     train_epochs=4, train_batch=32, train_lr=3e-3,
-    finetune_batches=4, finetune_batch=32, finetune_lr=3e-3,
+    finetune_batches=4, finetune_batch=32, finetune_lr=1e-3,
     latency_rounds=1, latency_repeats=5,
 )
 INPUT_SHAPE = (1, 28, 28)
