@@ -231,3 +231,9 @@ def test_bad_arguments():
         compress(model, evaluate=lambda m: "good", progress=False)
     with pytest.raises(TypeError):
         compress(model, no_such_option=1, progress=False)
+    never = []
+    with pytest.raises(ValueError, match="combine must be one of"):
+        compress(model, combine="median", evaluate=never.append, progress=False)
+    with pytest.raises(ValueError, match="weakening must be a number in \\[0, 1\\]"):
+        compress(model, weakening=1.5, evaluate=never.append, progress=False)
+    assert never == []  # refused before any work

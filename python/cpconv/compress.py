@@ -20,7 +20,7 @@ from .checkpoint import CheckpointState, CompressionCheckpoint, CheckpointError,
 from .conv_args import ConvGeometry
 from .cp_conv import CPConv2d
 from .decompose import CP_ALS_OPTIONS
-from .rank_selection import select_rank
+from .rank_selection import COMBINE_RULES, select_rank
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "eligible_convs", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
@@ -304,6 +304,11 @@ def compress(
             raise TypeError(f"{what} must be a callable or None, got {type(fn).__name__}")
     if isinstance(rank, bool) or not isinstance(rank, (str, numbers.Integral)):
         raise TypeError(f"rank must be a method name or an int, got {rank!r}")
+    # Checked here too (select_rank checks them again) so that a typo fails before evaluate(model).
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    if isinstance(weakening, bool) or not isinstance(weakening, numbers.Real) or not 0 <= weakening <= 1:
+        raise ValueError(f"weakening must be a number in [0, 1] (1 = plain EVBMF), got {weakening!r}")
     if schedule == "uniform" or rank == "ratio":
         if ratio is None:
             raise ValueError(f"schedule={schedule!r} with rank={rank!r} needs ratio= (the parameter reduction "
