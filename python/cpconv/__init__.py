@@ -13,6 +13,11 @@ from .cp_conv import CPConv2d
 from .rank_selection import RankSelection, max_cp_rank, select_rank
 from .reference import cp_conv2d_reference
 from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
+from .checkpoint import CheckpointError
+from .compress import compress
+from .finetune import accuracy, finetune
+from .latency import LatencyStats, measure_latency
+from .report import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
 
@@ -30,4 +35,12 @@ __all__ = [
     "select_rank",
     "vbmf",
     "__version__",
+    "compress",
+    "CompressionReport",
+    "LayerReport",
+    "CheckpointError",
+    "finetune",
+    "accuracy",
+    "measure_latency",
+    "LatencyStats",
 ]
