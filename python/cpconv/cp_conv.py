@@ -210,6 +210,15 @@ class CPConv2d(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    @classmethod
+    def from_conv(cls, conv: nn.Module, rank="evbmf", **options) -> "CPConv2d":
+        """Decompose a trained ``nn.Conv2d`` (rank from :func:`cpconv.select_rank`, factors by CP-ALS,
+        a 1x1 kernel by truncated SVD); see :func:`cpconv.decompose.decompose_conv` for the options,
+        ``decomposition_info`` and what raises (e.g. ``ValueError`` when the selected rank is 0)."""
+        from .decompose import decompose_conv  # decompose imports this module
+
+        return decompose_conv(conv, rank, **options)
+
     # ------------------------------------------------------------------ dense view
     @property
     def factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,492 @@
+"""``compress``: replace a trained model's convolutions by CP layers, one at a time, with fine-tuning.
+
+The method (Astrid, Lee & Seo 2018, on Lebedev et al. 2015): for each layer in turn, choose its CP
+rank with VBMF on the layer's *current* weights (after the fine-tuning that followed the previous
+layer), CP-decompose it, put a :class:`~cpconv.CPConv2d` in its place, fine-tune, evaluate, go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointState, CompressionCheckpoint, CheckpointError, capture_rng_state, restore_rng_state
+from .conv_args import ConvGeometry
+from .cp_conv import CPConv2d
+from .decompose import CP_ALS_OPTIONS
+from .rank_selection import COMBINE_RULES, select_rank
+from .report import CompressionReport, LayerReport
+
+__all__ = ["compress", "eligible_convs", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
+
+SCHEDULES = ("iterative", "static", "uniform")
+#: Keyword arguments of ``compress`` passed to the CP-ALS solver (``CPConv2d.from_conv``); every other
+#: extra keyword goes to the rank selection (``cpconv.select_rank``).
+ALS_OPTIONS = tuple(CP_ALS_OPTIONS)
+
+_DENSE_REASON = ("rank selection found no singular value above the noise threshold (rank 0): the layer "
+                 "carries no low-rank signal it can tell from noise, so it is left dense")
+
+
+# ---------------------------------------------------------------------- layer discovery
+def trace_convs(model: nn.Module, input_shape: Sequence[int]) -> Tuple[List[str], Dict[str, Tuple[int, int]]]:
+    """Run one forward pass on zeros and record the convolutions in call order with their input sizes.
+
+    Parameters
+    ----------
+    model
+        The model; run in eval mode under ``torch.no_grad`` (its training flag is restored).
+    input_shape
+        ``(C, H, W)`` or ``(B, C, H, W)`` of one input.
+
+    Returns
+    -------
+    (names, input_hw)
+        Names of the ``nn.Conv2d`` and ``CPConv2d`` modules in the order of their first call, and each
+        one's input spatial size ``(H, W)``.
+    """
+    shape = _check_input_shape(input_shape)
+    convs = {m: name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPConv2d))}
+    order: List[str] = []
+    sizes: Dict[str, Tuple[int, int]] = {}
+
+    def hook(module, args):
+        name = convs[module]
+        if name not in sizes:
+            order.append(name)
+            sizes[name] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+    handles = [m.register_forward_pre_hook(hook) for m in convs]
+    param = next(model.parameters(), None)
+    x = torch.zeros(shape, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None and param.is_floating_point() else None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return order, sizes
+
+
+def _check_input_shape(input_shape) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise TypeError(f"input_shape must be a sequence of ints (C, H, W) or (B, C, H, W), got {input_shape!r}") from None
+    if len(shape) not in (3, 4) or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be (C, H, W) or (B, C, H, W) with positive sizes, got {input_shape!r}")
+    return shape if len(shape) == 4 else (1,) + shape
+
+
+def eligible_convs(model: nn.Module, order: Optional[Sequence[str]] = None) -> List[str]:
+    """The convolutions :func:`compress` processes by default, in forward order if ``order`` is given.
+
+    Eligible: every ``nn.Conv2d`` with more than one input channel per group. A conv with one input
+    channel per group (a first layer on grey-scale images, or a depthwise conv) is skipped: its
+    kernel has no input-channel mode to factor, and its CP form would expand the input to ``R``
+    channels at full resolution, usually costing more than the dense layer. Name it in ``layers``
+    to compress it anyway.
+    """
+    convs = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.in_channels // m.groups > 1]
+    if order is None:
+        return convs
+    rank = {name: i for i, name in enumerate(order)}
+    # Convs the traced forward pass never reached go last, in registration order.
+    return sorted(convs, key=lambda n: (rank.get(n, len(rank)), convs.index(n)))
+
+
+def _resolve_layers(model: nn.Module, layers, order) -> List[str]:
+    if layers is None:
+        names = eligible_convs(model, order)
+        if not names:
+            all_convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+            raise ValueError(
+                "model has no eligible nn.Conv2d to compress"
+                + (f" (its convs {all_convs} all have one input channel per group; name them in layers= to "
+                   "compress them anyway)" if all_convs else " (it contains no nn.Conv2d)"))
+        return names
+    if isinstance(layers, str) or not isinstance(layers, (list, tuple)):
+        raise TypeError(f"layers must be a list of module names, got {layers!r}")
+    if not layers:
+        raise ValueError("layers must name at least one nn.Conv2d (or be None for every eligible conv)")
+    modules = dict(model.named_modules())
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    seen = set()
+    for name in layers:
+        if not isinstance(name, str):
+            raise TypeError(f"layers must hold module names (str), got {name!r}")
+        if name in seen:
+            raise ValueError(f"layer {name!r} is listed twice in layers")
+        seen.add(name)
+        if name not in modules or name == "":
+            raise ValueError(f"layer {name!r} does not exist in the model; its nn.Conv2d layers are {convs}")
+        module = modules[name]
+        if isinstance(module, CPConv2d):
+            raise ValueError(f"layer {name!r} is already a CPConv2d (compressed)")
+        if not isinstance(module, nn.Conv2d):
+            raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d; "
+                             f"the model's nn.Conv2d layers are {convs}")
+    return list(layers)
+
+
+# ---------------------------------------------------------------------- costs
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _layer_flops(module: nn.Module, input_hw: Optional[Tuple[int, int]]) -> Optional[int]:
+    if input_hw is None:
+        return None
+    if isinstance(module, CPConv2d):
+        return module.flops(input_hw)
+    geometry = ConvGeometry.create(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                   module.padding, module.dilation, module.groups, module.padding_mode)
+    oh, ow = geometry.output_size(input_hw)
+    kh, kw = module.kernel_size
+    return module.out_channels * (module.in_channels // module.groups) * kh * kw * oh * ow
+
+
+def _model_conv_flops(model: nn.Module, sizes: Optional[Dict[str, Tuple[int, int]]]) -> Optional[int]:
+    if sizes is None:
+        return None
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, CPConv2d)) and name in sizes:
+            total += _layer_flops(m, sizes[name])
+    return total
+
+
+# ---------------------------------------------------------------------- settings
+def _jsonable(value):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def _metric(value, what: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"evaluate(model) must return a number, got {type(value).__name__} ({what})")
+    return float(value)
+
+
+# ---------------------------------------------------------------------- the driver
+def compress(
+    model: nn.Module,
+    *,
+    layers: Optional[Sequence[str]] = None,
+    rank="evbmf",
+    combine: str = "max",
+    weakening: float = 1.0,
+    schedule: str = "iterative",
+    fine_tune: Optional[Callable[[nn.Module, int], Any]] = None,
+    evaluate: Optional[Callable[[nn.Module], float]] = None,
+    checkpoint_dir=None,
+    resume: bool = True,
+    progress: bool = True,
+    input_shape: Optional[Sequence[int]] = None,
+    ratio: Optional[float] = None,
+    **als_options,
+) -> CompressionReport:
+    """Replace convolutions of ``model`` by CP layers, in place, one layer at a time.
+
+    For each layer (in order): choose its rank, CP-decompose it (``CPConv2d.from_conv``), put the
+    :class:`~cpconv.CPConv2d` in its place, call ``fine_tune(model, step)``, call ``evaluate(model)``,
+    and (with ``checkpoint_dir``) write a checkpoint.
+
+    Parameters
+    ----------
+    model
+        A trained model. Modified in place: the processed ``nn.Conv2d`` modules are replaced.
+    layers
+        Names of the ``nn.Conv2d`` modules to compress, in the order to compress them. Default: every
+        eligible conv (see :func:`eligible_convs`: a conv with a single input channel per group, such
+        as a first layer on grey-scale images, is skipped unless named), in *forward order* when
+        ``input_shape`` is given (found with forward hooks on one pass over zeros), otherwise in module
+        registration order.
+    rank
+        How ranks are chosen: ``"evbmf"`` (default), ``"vbmf"``, ``"energy"``, ``"ratio"`` (uses
+        ``ratio``) or an int (that rank for every layer); see :func:`cpconv.select_rank`.
+    combine, weakening
+        How the two per-mode VBMF ranks combine into one CP rank (``"max"``, ``"min"``, ``"mean"``,
+        ``"output"``, ``"input"``) and the MUSCO weakening ``w`` in [0, 1] (1 = plain EVBMF).
+    schedule
+        ``"iterative"`` (the method): each layer's rank is selected from its current weights, just
+        before it is compressed, i.e. after the fine-tuning of the previous steps.
+        ``"static"`` (the baseline): all ranks are selected from the original weights before anything
+        is compressed, then the same compress/fine-tune loop runs.
+        ``"uniform"``: every layer gets the same parameter reduction factor ``ratio`` (ranks from
+        ``select_rank(method="ratio")``, chosen up front); for comparison at matched compression.
+    fine_tune
+        ``fine_tune(model, step)``, called after layer number ``step`` (0-based position in
+        ``layers``) was replaced. Any training loop fits (:func:`cpconv.finetune`, your own, ...).
+    evaluate
+        ``evaluate(model) -> float``, called once on the dense model and after each decomposition and
+        each fine-tuning; recorded in the report.
+    checkpoint_dir
+        Folder for a checkpoint written atomically after every finished layer (model state, report,
+        global RNG states of torch/NumPy/random). See :mod:`cpconv.checkpoint`. Nothing else is
+        saved: a ``fine_tune`` that carries its own state from one step to the next (an optimizer, a
+        ``DataLoader`` with its own ``torch.Generator``) must rebuild it from ``step`` (e.g. seed a
+        generator with ``step``) for a resumed run to equal an uninterrupted one.
+    resume
+        With ``checkpoint_dir`` holding a checkpoint of a run with the same arguments, restore it
+        (the model's state, its replaced layers, the report, the RNG states) and continue after the
+        last finished layer: the result equals that of an uninterrupted run. ``False`` starts afresh
+        and replaces that checkpoint. The model passed in must be the same dense model as in the
+        first run.
+    progress
+        Show a progress bar over the layers (tqdm); ``False`` for none.
+    input_shape
+        ``(C, H, W)`` (or ``(B, C, H, W)``) of one input. Needed for forward order and for FLOPs in
+        the report; without it the report's FLOPs are ``None``.
+    ratio
+        Parameter reduction factor of every layer (dense kernel parameters / CP factor parameters, at
+        least this; e.g. ``4.0``): required by ``schedule="uniform"`` and ``rank="ratio"``.
+    **als_options
+        ``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg`` go to CP-ALS; any other
+        keyword (``min_rank``, ``max_rank``, ``multiple_of``, method options) to ``select_rank``.
+
+    Returns
+    -------
+    CompressionReport
+        Per layer: name, kernel shape, per-mode ranks, chosen rank, parameters and FLOPs before/after,
+        CP relative error, metric after decomposition and after fine-tuning, seconds; totals.
+
+    Notes
+    -----
+    Rank-0 policy: when the rank selection finds no signal above its noise estimate (EVBMF rank 0,
+    typical of an untrained or noise-like kernel) the layer is **left dense**; its report row says so
+    and ``fine_tune``/``evaluate`` are not called for that step.
+
+    Raises
+    ------
+    ValueError
+        No eligible conv; a name in ``layers`` that does not exist, is not an ``nn.Conv2d`` or is
+        listed twice; an unknown ``schedule``; ``uniform``/``ratio`` without a valid ``ratio``; a
+        checkpoint from a run with other arguments or another model.
+    CheckpointError
+        (a ``ValueError``) a corrupt checkpoint folder; nothing in it is overwritten.
+    TypeError
+        Non-callable ``fine_tune``/``evaluate``, ``evaluate`` not returning a number.
+    Exception
+        Whatever ``fine_tune`` or ``evaluate`` raises propagates; the checkpoint keeps the last
+        finished layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    for fn, what in ((fine_tune, "fine_tune"), (evaluate, "evaluate")):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{what} must be a callable or None, got {type(fn).__name__}")
+    if isinstance(rank, bool) or not isinstance(rank, (str, numbers.Integral)):
+        raise TypeError(f"rank must be a method name or an int, got {rank!r}")
+    # Checked here too (select_rank checks them again) so that a typo fails before evaluate(model).
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    if isinstance(weakening, bool) or not isinstance(weakening, numbers.Real) or not 0 <= weakening <= 1:
+        raise ValueError(f"weakening must be a number in [0, 1] (1 = plain EVBMF), got {weakening!r}")
+    if schedule == "uniform" or rank == "ratio":
+        if ratio is None:
+            raise ValueError(f"schedule={schedule!r} with rank={rank!r} needs ratio= (the parameter reduction "
+                             "factor every layer gets, e.g. 4.0 for 4x fewer kernel parameters)")
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"ratio must be a positive number (the parameter reduction factor), got {ratio!r}")
+    elif ratio is not None:
+        raise ValueError(f"ratio={ratio!r} is only used by schedule='uniform' or rank='ratio'")
+    if schedule == "uniform" and rank not in ("evbmf", "ratio"):
+        raise ValueError(f"schedule='uniform' sets every rank from ratio; rank={rank!r} cannot be combined with it")
+    als_kwargs = {k: v for k, v in als_options.items() if k in ALS_OPTIONS}
+    selection_kwargs = {k: v for k, v in als_options.items() if k not in ALS_OPTIONS}
+
+    order, sizes = (None, None)
+    if input_shape is not None:
+        order, sizes = trace_convs(model, input_shape)
+    names = _resolve_layers(model, layers, order)
+    modules = dict(model.named_modules())
+
+    settings = _jsonable({
+        "layers": names, "rank": rank if isinstance(rank, str) else int(rank), "combine": combine,
+        "weakening": weakening, "schedule": schedule, "ratio": ratio, "input_shape": input_shape,
+        "als_options": als_kwargs, "selection_options": selection_kwargs,
+        "kernel_shapes": {n: list(modules[n].weight.shape) for n in names},
+    })
+
+    checkpoint = CompressionCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    state = checkpoint.load() if (checkpoint is not None and resume) else None
+
+    if state is not None:
+        report = _restore(model, state, settings, checkpoint.directory)
+    else:
+        report = CompressionReport(settings=dict(settings), planned_layers=list(names),
+                                   model_params_before=_param_count(model),
+                                   conv_flops_before=_model_conv_flops(model, sizes))
+        if evaluate is not None:
+            report.metric_before = _metric(evaluate(model), "dense model")
+        report.settings["plan"] = None
+        if schedule in ("static", "uniform"):
+            # Selected up front, from the original weights (and kept in the checkpoint, so a resumed
+            # run does not select again from weights that were fine-tuned meanwhile).
+            report.settings["plan"] = {
+                n: _jsonable(_choose_rank(modules[n], rank, combine, weakening, schedule, ratio,
+                                          selection_kwargs).to_dict())
+                for n in names}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(names), initial=len(report.layers), desc="compress", unit="layer")
+    try:
+        for step in range(len(report.layers), len(names)):
+            name = names[step]
+            if bar is not None:
+                bar.set_postfix_str(name)
+            record = _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio,
+                                     selection_kwargs, als_kwargs, report.settings["plan"],
+                                     sizes, fine_tune, evaluate)
+            report.layers.append(record)
+            report.model_params_after = _param_count(model)
+            report.conv_flops_after = _model_conv_flops(model, sizes)
+            if checkpoint is not None:
+                checkpoint.save(CheckpointState(
+                    finished_layers=len(report.layers), settings=settings,
+                    model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    report=report.to_dict(), rng_state=capture_rng_state()))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.model_params_after = _param_count(model)
+    report.conv_flops_after = _model_conv_flops(model, sizes)
+    return report
+
+
+class _PlannedSelection:
+    """A rank selection restored from the report's plan (static/uniform schedules)."""
+
+    def __init__(self, data: Dict[str, Any]) -> None:
+        self.data = data
+        self.rank = int(data["rank"])
+        self.mode_ranks = dict(data.get("mode_ranks") or {})
+        self.reason = str(data.get("reason", ""))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.data
+
+
+def _choose_rank(conv, rank, combine, weakening, schedule, ratio, selection_kwargs):
+    if schedule == "uniform" or rank == "ratio":
+        return select_rank(conv, method="ratio", ratio=ratio, **selection_kwargs)
+    return select_rank(conv, method=rank if isinstance(rank, str) else int(rank), combine=combine,
+                       weakening=weakening, **selection_kwargs)
+
+
+def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio, selection_kwargs,
+                    als_kwargs, plan, sizes, fine_tune, evaluate) -> LayerReport:
+    start = time.perf_counter()
+    conv = model.get_submodule(name)
+    if plan is not None:
+        selection = _PlannedSelection(plan[name])
+    else:
+        selection = _choose_rank(conv, rank, combine, weakening, schedule, ratio, selection_kwargs)
+    if schedule == "uniform" or rank == "ratio":
+        selected_from = "ratio"
+    elif not isinstance(rank, str):
+        selected_from = "fixed rank"
+    else:
+        selected_from = "original weights" if plan is not None else "current weights"
+    input_hw = sizes.get(name) if sizes is not None else None
+    params_before = _param_count(conv)
+    flops_before = _layer_flops(conv, input_hw)
+    common = dict(
+        name=name, kernel_shape=tuple(conv.weight.shape), groups=conv.groups, input_hw=input_hw,
+        mode_ranks={k: int(v) for k, v in (selection.mode_ranks or {}).items()},
+        selected_from=selected_from, selection=_jsonable(selection.to_dict()), params_before=params_before,
+        flops_before=flops_before)
+    if int(selection.rank) == 0:
+        return LayerReport(**common, rank=0, status="dense", reason=_DENSE_REASON, params_after=params_before,
+                           flops_after=flops_before, rel_error=None, metric_after_decomposition=None,
+                           metric_after_finetune=None, seconds=time.perf_counter() - start)
+    layer = CPConv2d.from_conv(conv, rank=int(selection.rank), **als_kwargs)
+    layer.to(device=conv.weight.device)
+    layer.train(conv.training)
+    info = dict(layer.decomposition_info or {})
+    info["rank_selection"] = selection.to_dict()
+    layer.decomposition_info = info
+    model.set_submodule(name, layer)
+    metric_decomp = _metric(evaluate(model), f"after decomposing {name}") if evaluate is not None else None
+    metric_tuned = None
+    if fine_tune is not None:
+        fine_tune(model, step)
+        if evaluate is not None:
+            metric_tuned = _metric(evaluate(model), f"after fine-tuning {name}")
+    rel_error = info.get("rel_error")
+    return LayerReport(
+        **common, rank=int(selection.rank), status="compressed", reason=str(selection.reason),
+        params_after=_param_count(layer), flops_after=_layer_flops(layer, input_hw),
+        rel_error=None if rel_error is None else float(rel_error),
+        metric_after_decomposition=metric_decomp, metric_after_finetune=metric_tuned,
+        seconds=time.perf_counter() - start)
+
+
+def _restore(model: nn.Module, state: CheckpointState, settings: Dict[str, Any], directory: str) -> CompressionReport:
+    """Put the checkpoint's finished layers and weights into ``model``; the report so far."""
+    saved = dict(state.settings)
+    if json.dumps(saved, sort_keys=True) != json.dumps(settings, sort_keys=True):
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise ValueError(
+            f"checkpoint folder {directory!r} belongs to a run with other arguments (differ: {diff}); pass "
+            "the same arguments and the same dense model to resume, resume=False to start afresh and "
+            "replace it, or another checkpoint_dir")
+    try:
+        report = CompressionReport.from_dict(state.report)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint folder {directory!r} is corrupt: {exc}") from None
+    if len(report.layers) != state.finished_layers:
+        raise CheckpointError(f"checkpoint folder {directory!r} is corrupt: the report lists "
+                              f"{len(report.layers)} layers, the manifest {state.finished_layers}")
+    for record in report.layers:
+        if record.status != "compressed":
+            continue
+        conv = model.get_submodule(record.name)
+        if not isinstance(conv, nn.Conv2d) or tuple(conv.weight.shape) != tuple(record.kernel_shape):
+            raise ValueError(f"the model does not match checkpoint folder {directory!r}: layer {record.name!r} "
+                             f"should be an nn.Conv2d with kernel {tuple(record.kernel_shape)}, got {conv!r}")
+        layer = CPConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, record.rank, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.train(conv.training)
+        layer.decomposition_info = {"rel_error": record.rel_error, "rank_selection": record.selection}
+        model.set_submodule(record.name, layer)
+    try:
+        model.load_state_dict(state.model_state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"the model does not match checkpoint folder {directory!r}: {exc}") from None
+    restore_rng_state(state.rng_state)
+    return report

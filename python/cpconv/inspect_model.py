@@ -1,0 +1,169 @@
+"""``inspect_model``: what compression would do to each conv of a saved model (``cpconv inspect``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .cp_conv import CPConv2d
+
+__all__ = ["ConvInspection", "ModelInspection", "inspect_model", "load_model_file"]
+
+
+@dataclasses.dataclass
+class ConvInspection:
+    """One convolution: its shape, the rank selection's result and the saving a CP layer of that rank gives.
+
+    ``rank`` is 0 when the selection found no signal above noise (the layer would stay dense);
+    ``params_cp``/``flops_cp`` then equal the dense figures. For a layer that already is a
+    ``CPConv2d``, ``rank`` is its rank and ``mode_ranks`` is empty.
+    """
+
+    name: str
+    kind: str  # "Conv2d" or "CPConv2d"
+    kernel_shape: Tuple[int, int, int, int]
+    groups: int
+    input_hw: Optional[Tuple[int, int]]
+    mode_ranks: Dict[str, int]
+    rank: int
+    params_dense: int
+    params_cp: int
+    flops_dense: Optional[int]
+    flops_cp: Optional[int]
+    note: str
+
+
+@dataclasses.dataclass
+class ModelInspection:
+    source: str
+    layers: List[ConvInspection]
+    settings: Dict[str, Any]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"source": self.source, "settings": self.settings, "layers": [dataclasses.asdict(c) for c in self.layers]}
+
+    def to_table(self) -> str:
+        header = ["layer", "type", "kernel", "input", "ranks out/in", "CP rank", "params", "param saving",
+                  "MFLOPs", "FLOP saving"]
+        rows = []
+        for c in self.layers:
+            n, cg, kh, kw = c.kernel_shape
+            kernel = f"{n}x{cg}x{kh}x{kw}" + (f" g{c.groups}" if c.groups > 1 else "")
+            modes = f"{c.mode_ranks['output']}/{c.mode_ranks['input']}" if c.mode_ranks else "-"
+            rank = str(c.rank) if c.rank else "0 (dense)"
+            flops = "-" if c.flops_dense is None else f"{c.flops_dense / 1e6:.2f}->{c.flops_cp / 1e6:.2f}"
+            flop_saving = "-" if c.flops_dense is None else f"{c.flops_dense / c.flops_cp:.2f}x"
+            rows.append([c.name, c.kind, kernel, "-" if c.input_hw is None else f"{c.input_hw[0]}x{c.input_hw[1]}",
+                         modes, rank, f"{c.params_dense}->{c.params_cp}", f"{c.params_dense / c.params_cp:.2f}x",
+                         flops, flop_saving])
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        fmt = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
+        s = self.settings
+        lines = [f"{self.source}: {len(self.layers)} conv layers; rank selection {s['method']}, combine={s['combine']}, "
+                 f"weakening={s['weakening']}", fmt(header), "  ".join("-" * w for w in widths)]
+        lines += [fmt(r) for r in rows]
+        notes = [f"note: {c.name}: {c.note}" for c in self.layers if c.note]
+        return "\n".join(lines + notes)
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+
+def load_model_file(path: "os.PathLike | str") -> nn.Module:
+    """Load a whole model saved with ``torch.save(model)``.
+
+    This unpickles the file (``weights_only=False``), which can execute arbitrary code: only load
+    files you trust.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file is not a torch file, or holds a ``state_dict`` or another object instead of a model.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such model file: {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 -- any unpickling failure is reported the same way
+        raise ValueError(f"{path!r} could not be loaded with torch.load: {exc}") from None
+    if isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a dict (a state_dict?), not a model; save the whole model with "
+                         "torch.save(model) to inspect it")
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+def inspect_model(
+    model: Union[nn.Module, str, "os.PathLike"],
+    *,
+    input_shape: Optional[Sequence[int]] = None,
+    method: str = "evbmf",
+    combine: str = "max",
+    weakening: float = 1.0,
+) -> ModelInspection:
+    """Per conv of ``model`` (a module, or a path for :func:`load_model_file`): per-mode ranks, CP rank, savings.
+
+    Parameters
+    ----------
+    input_shape
+        ``(C, H, W)``: FLOPs per layer from each conv's input size in one forward pass over zeros.
+    method, combine, weakening
+        As for :func:`cpconv.select_rank`.
+    """
+    from . import select_rank
+    from .compress import _layer_flops, trace_convs
+
+    source = "model"
+    if not isinstance(model, nn.Module):
+        source = os.fspath(model)
+        model = load_model_file(model)
+    sizes = None
+    order = None
+    if input_shape is not None:
+        order, sizes = trace_convs(model, input_shape)
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPConv2d))]
+    if order is not None:
+        pos = {n: i for i, n in enumerate(order)}
+        convs.sort(key=lambda nm: pos.get(nm[0], len(pos)))
+    layers = []
+    for name, m in convs:
+        input_hw = sizes.get(name) if sizes is not None else None
+        if isinstance(m, CPConv2d):
+            kernel = (m.out_channels, m.in_channels // m.groups) + tuple(m.kernel_size)
+            layers.append(ConvInspection(
+                name, "CPConv2d", kernel, m.groups, input_hw, {}, m.rank, m.dense_parameter_count(),
+                m.parameter_count(), None if input_hw is None else m.dense_flops(input_hw),
+                None if input_hw is None else m.flops(input_hw), "already CP-decomposed"))
+            continue
+        note = ""
+        if m.in_channels // m.groups == 1:
+            note = "one input channel per group: compress() skips it unless named"
+        selection = select_rank(m, method=method, combine=combine, weakening=weakening)
+        params_dense = sum(p.numel() for p in m.parameters())
+        flops_dense = _layer_flops(m, input_hw)
+        rank = int(selection.rank)
+        if rank == 0:
+            params_cp, flops_cp = params_dense, flops_dense
+            note = (note + "; " if note else "") + "rank 0: no signal above noise, would stay dense"
+        else:
+            cp = CPConv2d(m.in_channels, m.out_channels, m.kernel_size, rank, stride=m.stride, padding=m.padding,
+                          dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+                          padding_mode=m.padding_mode, device="meta")
+            params_cp = cp.parameter_count()
+            flops_cp = None if input_hw is None else cp.flops(input_hw)
+        layers.append(ConvInspection(
+            name, "Conv2d", tuple(m.weight.shape), m.groups, input_hw,
+            {k: int(v) for k, v in selection.mode_ranks.items()}, rank, params_dense, params_cp,
+            flops_dense, flops_cp, note))
+    if not layers:
+        raise ValueError(f"{source} has no nn.Conv2d or CPConv2d layer")
+    return ModelInspection(source, layers, {"method": method, "combine": combine, "weakening": weakening,
+                                            "input_shape": None if input_shape is None else list(input_shape)})

@@ -1,0 +1,239 @@
+"""End-to-end ``cpconv.compress`` on real MNIST digits, the schedules, the report, and bad input."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune
+from cpconv.compress import trace_convs
+from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
+from cpconv.demo.digits import load_digits, stratified_split
+
+from compress_worker import build_model, planted_conv
+
+SMALL = AlexNetConfig(channels=(8, 16, 32, 32, 24), hidden=32)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """A few hundred real digits and a small AlexNet-style CNN trained on them (seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images, labels = load_digits()
+    train_idx, test_idx = stratified_split(labels, seed=0)
+    train_idx = torch.cat([train_idx[labels[train_idx] == c][:40] for c in range(10)])
+    test_idx = torch.cat([test_idx[labels[test_idx] == c][:15] for c in range(10)])
+    torch.manual_seed(0)
+    model = MnistAlexNet(SMALL)
+    train_dense(model, images[train_idx], labels[train_idx], epochs=5, batch_size=32, lr=3e-3, seed=0,
+                progress=False)
+    train = torch.utils.data.TensorDataset(images[train_idx], labels[train_idx])
+    test = torch.utils.data.TensorDataset(images[test_idx], labels[test_idx])
+    yield model, train, test
+    torch.set_num_threads(threads)
+
+
+def _callbacks(train, test):
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    test_loader = torch.utils.data.DataLoader(test, batch_size=200)
+    calls = []
+
+    def fine_tune(m, step):
+        calls.append(step)
+        finetune(m, loader, max_batches=3, lr=1e-3, optimizer="adam")
+
+    return fine_tune, (lambda m: accuracy(m, test_loader)), calls
+
+
+@pytest.mark.parametrize("schedule", ["iterative", "static", "uniform"])
+def test_compress_mnist_end_to_end(mnist, schedule):
+    dense, train, test = mnist
+    model = copy.deepcopy(dense)
+    fine_tune, evaluate, calls = _callbacks(train, test)
+    dense_acc = evaluate(dense)
+    assert dense_acc > 0.5, "the fixture's training failed; the test would prove nothing"
+    kwargs = {"ratio": 6.0} if schedule == "uniform" else {}
+    report = compress(model, schedule=schedule, fine_tune=fine_tune, evaluate=evaluate, input_shape=(1, 28, 28),
+                      progress=False, seed=0, **kwargs)
+    names = ["features.conv2", "features.conv3", "features.conv4", "features.conv5"]
+    assert report.planned_layers == names and [r.name for r in report.layers] == names  # conv1 skipped: 1 channel
+    assert report.finished and report.metric_before == pytest.approx(dense_acc)
+    compressed = [r for r in report.layers if r.status == "compressed"]
+    assert compressed, "no layer compressed: EVBMF found no signal in a trained network"
+    assert calls == [r_i for r_i, r in enumerate(report.layers) if r.status == "compressed"]
+    for r in report.layers:
+        module = model.get_submodule(r.name)
+        if r.status == "compressed":
+            assert isinstance(module, CPConv2d) and module.rank == r.rank > 0
+            assert r.params_after == module.parameter_count() < r.params_before
+            assert r.flops_after == module.flops(r.input_hw) < r.flops_before
+            assert 0 <= r.rel_error < 1
+            assert 0 <= r.metric_after_decomposition <= 1 and 0 <= r.metric_after_finetune <= 1
+            if schedule == "uniform":
+                assert r.selected_from == "ratio"
+                assert r.selection["method"] == "ratio"
+                n, c, kh, kw = r.kernel_shape
+                assert n * c * kh * kw / (r.rank * (n + c + kh + kw)) >= 6.0
+            else:
+                assert set(r.mode_ranks) == {"output", "input"}
+                assert r.selected_from == ("current weights" if schedule == "iterative" else "original weights")
+        else:
+            assert isinstance(module, nn.Conv2d) and r.rank == 0 and "dense" in r.reason
+    # The report's totals match the model.
+    assert report.model_params_after == sum(p.numel() for p in model.parameters())
+    assert report.model_params_after < report.model_params_before
+    assert report.metric_after == pytest.approx(evaluate(model))
+    # It renders, and survives JSON.
+    table = str(report)
+    assert all(n in table for n in names) and "total" in table
+    again = CompressionReport.from_dict(json.loads(report.to_json()))
+    assert again.to_dict() == report.to_dict()
+
+
+def test_report_save_load(tmp_path):
+    model = build_model()
+    report = compress(model, progress=False, seed=0, input_shape=(3, 8, 8))
+    path = tmp_path / "r.json"
+    report.save(path)
+    loaded = CompressionReport.load(path)
+    assert loaded.to_dict() == report.to_dict()
+    assert loaded.ranks == report.ranks and loaded.flops_after == report.flops_after
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CompressionReport.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a cpconv compression report"):
+        CompressionReport.load(tmp_path / "other.json")
+
+
+def _singular_values(weight, mode):
+    w = weight.detach().double()
+    mat = w.reshape(w.shape[0], -1) if mode == "output" else w.transpose(0, 1).reshape(w.shape[1], -1)
+    return torch.linalg.svdvals(mat).numpy()
+
+
+def test_static_and_iterative_select_from_different_weights():
+    """Static ranks come from the original weights, iterative ones from the fine-tuned weights."""
+    original = build_model()
+    g = torch.Generator().manual_seed(3)
+    # The "fine-tuning" adds a planted rank-8 component to every conv still dense: it changes exactly
+    # the weights the iterative schedule looks at and the static one must not.
+    seen = {}
+
+    def fine_tune(m, step):
+        for name, mod in m.named_modules():
+            if isinstance(mod, nn.Conv2d):
+                extra = planted_conv(mod.in_channels, mod.out_channels, 3, 8, g).weight
+                with torch.no_grad():
+                    mod.weight.add_(2.0 * extra)
+                seen.setdefault(name, []).append(mod.weight.detach().clone())
+
+    reports = {}
+    for schedule in ("iterative", "static"):
+        model = copy.deepcopy(original)
+        seen.clear()
+        g.manual_seed(3)
+        reports[schedule] = compress(model, schedule=schedule, fine_tune=fine_tune, progress=False, seed=0)
+        if schedule == "iterative":
+            weights_before = {name: w[-1] for name, w in seen.items()}
+    it, st = reports["iterative"], reports["static"]
+    assert it.layers[0].rank == st.layers[0].rank  # nothing was fine-tuned before the first layer
+    for k in range(1, len(it.layers)):
+        name = it.layers[k].name
+        orig_w = original.get_submodule(name).weight
+        for mode in ("output", "input"):
+            static_sv = np.asarray(st.layers[k].selection["details"][mode][0]["singular_values"])
+            np.testing.assert_allclose(static_sv, _singular_values(orig_w, mode), rtol=1e-4, atol=1e-6)
+            iter_sv = np.asarray(it.layers[k].selection["details"][mode][0]["singular_values"])
+            np.testing.assert_allclose(iter_sv, _singular_values(weights_before[name], mode), rtol=1e-4, atol=1e-6)
+        assert st.layers[k].selected_from == "original weights" and it.layers[k].selected_from == "current weights"
+        # The planted rank-8 component is visible to the iterative schedule only.
+        assert it.layers[k].rank > st.layers[k].rank
+
+
+def test_forward_order_and_registration_order():
+    class Backwards(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.late = planted_conv(8, 8, 3, 2, g)
+            self.early = planted_conv(3, 8, 3, 2, g)
+            self.single = nn.Conv2d(1, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.late(self.early(self.single(x)))
+
+    names, sizes = trace_convs(Backwards(), (1, 6, 6))
+    assert names == ["single", "early", "late"] and sizes["early"] == (6, 6)
+    r = compress(Backwards(), progress=False, input_shape=(1, 6, 6), seed=0)
+    assert r.planned_layers == ["early", "late"]  # forward order; 'single' has one input channel
+    r = compress(Backwards(), progress=False, seed=0)
+    assert r.planned_layers == ["late", "early"]  # no input shape: registration order
+    assert r.flops_before is None and r.layers[0].input_hw is None
+    r = compress(Backwards(), layers=["single"], rank=2, progress=False, seed=0)  # named: compressed anyway
+    assert r.layers[0].status == "compressed" and r.layers[0].selected_from == "fixed rank"
+
+
+def test_rank_zero_leaves_layer_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))  # random: pure noise
+    calls = []
+    report = compress(model, fine_tune=lambda m, s: calls.append(s), evaluate=lambda m: 0.5, progress=False)
+    assert [r.rank for r in report.layers] == [0, 0] and calls == []
+    assert all(isinstance(model[i], nn.Conv2d) for i in (0, 2))
+    assert all(r.status == "dense" and r.params_after == r.params_before for r in report.layers)
+    assert "left dense" in str(report)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_no_eligible_conv():
+    with pytest.raises(ValueError, match="contains no nn.Conv2d"):
+        compress(nn.Sequential(nn.Linear(4, 4)), progress=False)
+    with pytest.raises(ValueError, match="one input channel per group"):
+        compress(nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=8)), progress=False)
+
+
+def test_bad_layer_names():
+    model = build_model()
+    with pytest.raises(ValueError, match="'nope' does not exist.*'0', '2', '4', '6'"):
+        compress(model, layers=["nope"], progress=False)
+    with pytest.raises(ValueError, match="'1' is a ReLU, not an nn.Conv2d"):
+        compress(model, layers=["1"], progress=False)
+    with pytest.raises(ValueError, match="listed twice"):
+        compress(model, layers=["0", "0"], progress=False)
+    with pytest.raises(TypeError, match="list of module names"):
+        compress(model, layers="0", progress=False)
+    with pytest.raises(ValueError, match="at least one"):
+        compress(model, layers=[], progress=False)
+    assert all(isinstance(model[i], nn.Conv2d) for i in (0, 2, 4, 6))  # nothing was touched
+
+
+def test_bad_arguments():
+    model = build_model()
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        compress(model, schedule="greedy", progress=False)
+    with pytest.raises(ValueError, match="needs ratio="):
+        compress(model, schedule="uniform", progress=False)
+    with pytest.raises(ValueError, match="ratio must be a positive number"):
+        compress(model, schedule="uniform", ratio=-1, progress=False)
+    with pytest.raises(ValueError, match="only used by"):
+        compress(model, ratio=2.0, progress=False)
+    with pytest.raises(TypeError, match="fine_tune must be a callable"):
+        compress(model, fine_tune=3, progress=False)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        compress("model", progress=False)
+    with pytest.raises(TypeError, match="evaluate\\(model\\) must return a number"):
+        compress(model, evaluate=lambda m: "good", progress=False)
+    with pytest.raises(TypeError):
+        compress(model, no_such_option=1, progress=False)
+    never = []
+    with pytest.raises(ValueError, match="combine must be one of"):
+        compress(model, combine="median", evaluate=never.append, progress=False)
+    with pytest.raises(ValueError, match="weakening must be a number in \\[0, 1\\]"):
+        compress(model, weakening=1.5, evaluate=never.append, progress=False)
+    assert never == []  # refused before any work
