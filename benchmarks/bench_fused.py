@@ -6,7 +6,7 @@ Run from the repository root (needs the ``bench`` extra)::
 
 Layer shapes come from the package's ``bench_layers.json`` (the same file ``cpconv bench`` reads).
 Every benchmark also checks its answer against the torch four-stage path. ``cpconv bench`` is the
-interleaved, ratio-oriented version of the same comparison; benchmarks/fused.md records its results.
+interleaved, ratio-oriented version of the same comparison; BENCHMARKS.md records its results.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Turn the JSON of ``cpconv bench --json FILE`` into the markdown tables of benchmarks/fused.md.
+"""Turn the JSON of ``cpconv bench --json FILE`` into the markdown tables of BENCHMARKS.md.
 
 Usage: ``python benchmarks/fused_report.py FILE.json``
 """

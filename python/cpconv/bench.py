@@ -17,7 +17,7 @@ count. GFLOP/s count 2 FLOPs per multiply-add of the CP stages (the dense rows: 
 With ``--model`` it also times a whole AlexNet at 224x224: dense vs conv2-conv5 compressed (fixed
 ranks), in PyTorch, ONNX Runtime and with the fused kernel.
 
-Run ``cpconv bench --help``; the library's ``benchmarks/fused.md`` records results and commands.
+Run ``cpconv bench --help``; the library's ``BENCHMARKS.md`` records results and commands.
 """
 
 from __future__ import annotations
