@@ -31,10 +31,10 @@ import threading
 import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from . import _core
+from .reference import as_cpu_float32_array
 from .conv_args import pair
 
 __all__ = [
@@ -87,16 +87,6 @@ def _resolve_threads(threads: Optional[int]) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be None, 0 (= torch.get_num_threads()) or an int >= 1, got {threads!r}")
     return threads
-
-
-def _factor_array(name: str, t: torch.Tensor) -> np.ndarray:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 for the fused kernel, got {t.dtype}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU for the fused kernel, got device {t.device}")
-    return t.detach().contiguous().numpy()
 
 
 def _check_factors(x_channels: Optional[int], U, S, Y, X, bias, groups: int) -> None:
@@ -160,8 +150,8 @@ def pack_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor] =
         raise ValueError("factors must be a sequence (U, S, Y, X) of 4 matrices")
     U, S, Y, X = factors
     _check_factors(None, U, S, Y, X, bias, groups)
-    arrays = [_factor_array(n, t) for n, t in zip(("in_factor", "vert_factor", "horz_factor", "out_factor"), (S, Y, X, U))]
-    return _core.fused.pack(*arrays, None if bias is None else _factor_array("bias", bias), groups)
+    arrays = [as_cpu_float32_array(n, t) for n, t in zip(("in_factor", "vert_factor", "horz_factor", "out_factor"), (S, Y, X, U))]
+    return _core.fused.pack(*arrays, None if bias is None else as_cpu_float32_array("bias", bias), groups)
 
 
 class _PackedWeightsCache:

@@ -16,7 +16,8 @@ from .conv_args import pair
 __all__ = ["cp_conv2d_reference"]
 
 
-def _as_cpu_float32(name: str, t) -> np.ndarray:
+def as_cpu_float32_array(name: str, t) -> np.ndarray:
+    """``t`` (tensor or array) as a C-contiguous float32 CPU NumPy array; TypeError/ValueError otherwise."""
     if isinstance(t, np.ndarray):
         t = torch.from_numpy(t)
     if not isinstance(t, torch.Tensor):
@@ -70,9 +71,9 @@ def cp_conv2d_reference(
         raise ValueError(f"x must be a 4-D (B, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if len(factors) != 4:
         raise ValueError(f"factors must be (U, S, Y, X), got {len(factors)} items")
-    U, S, Y, X = (_as_cpu_float32(n, f) for n, f in zip("USYX", factors))
-    xa = _as_cpu_float32("x", x)
-    ba = None if bias is None else _as_cpu_float32("bias", bias)
+    U, S, Y, X = (as_cpu_float32_array(n, f) for n, f in zip("USYX", factors))
+    xa = as_cpu_float32_array("x", x)
+    ba = None if bias is None else as_cpu_float32_array("bias", bias)
     stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
