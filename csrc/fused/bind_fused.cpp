@@ -64,22 +64,9 @@ py::object cp_conv2d(const FloatArray& x, const PackedWeights& w, FloatArray& y,
                      std::pair<int64_t, int64_t> padding, std::pair<int64_t, int64_t> dilation, int threads,
                      const std::string& isa_name, bool profile) {
     if (x.ndim() != 4) throw std::invalid_argument("x must be 4-D (B, C, H, W), got " + std::to_string(x.ndim()) + "-D");
-    cpconv::CPConvShape s{};
-    s.batch = x.shape(0);
-    s.in_channels = x.shape(1);
-    s.height = x.shape(2);
-    s.width = x.shape(3);
-    s.out_channels = w.out_channels;
-    s.rank = w.rank;
-    s.groups = w.groups;
-    s.kernel_h = w.kernel_h;
-    s.kernel_w = w.kernel_w;
-    s.stride_h = stride.first;
-    s.stride_w = stride.second;
-    s.pad_h = padding.first;
-    s.pad_w = padding.second;
-    s.dilation_h = dilation.first;
-    s.dilation_w = dilation.second;
+    const cpconv::CPConvShape s = cpconv::make_cp_conv_shape(
+        x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.out_channels, w.rank, w.groups, w.kernel_h, w.kernel_w,
+        stride, padding, dilation);
     if (s.in_channels != w.in_channels)
         throw std::invalid_argument("x has " + std::to_string(s.in_channels) + " channels, the weights expect " +
                                     std::to_string(w.in_channels));

@@ -37,22 +37,9 @@ void cp_conv2d_reference(const FloatArray& x, const FloatArray& in_factor, const
     check_dims(horz_factor, 2, "horz_factor");
     check_dims(out_factor, 2, "out_factor");
     check_dims(y, 4, "y");
-    cpconv::CPConvShape s{};
-    s.batch = x.shape(0);
-    s.in_channels = x.shape(1);
-    s.height = x.shape(2);
-    s.width = x.shape(3);
-    s.out_channels = out_factor.shape(0);
-    s.rank = in_factor.shape(1);
-    s.groups = groups;
-    s.kernel_h = vert_factor.shape(0);
-    s.kernel_w = horz_factor.shape(0);
-    s.stride_h = stride.first;
-    s.stride_w = stride.second;
-    s.pad_h = padding.first;
-    s.pad_w = padding.second;
-    s.dilation_h = dilation.first;
-    s.dilation_w = dilation.second;
+    const cpconv::CPConvShape s = cpconv::make_cp_conv_shape(
+        x.shape(0), x.shape(1), x.shape(2), x.shape(3), out_factor.shape(0), in_factor.shape(1), groups,
+        vert_factor.shape(0), horz_factor.shape(0), stride, padding, dilation);
     cpconv::validate_cp_conv_shape(s);
     check_dim(in_factor, 0, s.in_channels / groups, "in_factor");
     check_dim(vert_factor, 1, s.rank, "vert_factor");

@@ -12,6 +12,14 @@ void require(bool ok, const std::string& what) {
 }
 }  // namespace
 
+CPConvShape make_cp_conv_shape(int64_t batch, int64_t in_channels, int64_t height, int64_t width,
+                               int64_t out_channels, int64_t rank, int64_t groups, int64_t kernel_h,
+                               int64_t kernel_w, IntPair stride, IntPair padding, IntPair dilation) {
+    return CPConvShape{batch,         in_channels,   height,         width,          out_channels,
+                       rank,          groups,        kernel_h,       kernel_w,       stride.first,
+                       stride.second, padding.first, padding.second, dilation.first, dilation.second};
+}
+
 void validate_cp_conv_shape(const CPConvShape& s) {
     require(s.batch >= 1, "batch must be >= 1, got " + std::to_string(s.batch));
     require(s.in_channels >= 1, "in_channels must be >= 1, got " + std::to_string(s.in_channels));

@@ -2,6 +2,7 @@
 // tested against, so it runs the four stages literally, one after another, with double accumulators.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 namespace cpconv {
 
@@ -24,6 +25,14 @@ struct CPConvShape {
         return (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
     }
 };
+
+using IntPair = std::pair<int64_t, int64_t>;
+
+// The shape of one call from the input's NCHW sizes, the factor sizes and the geometry (not validated).
+// Defined out of line (baseline ISA): per-ISA kernel units include this header.
+CPConvShape make_cp_conv_shape(int64_t batch, int64_t in_channels, int64_t height, int64_t width,
+                               int64_t out_channels, int64_t rank, int64_t groups, int64_t kernel_h,
+                               int64_t kernel_w, IntPair stride, IntPair padding, IntPair dilation);
 
 // Throws std::invalid_argument naming the offending value when the shape is not valid.
 void validate_cp_conv_shape(const CPConvShape& s);
