@@ -8,7 +8,10 @@ all of its parameters.
 from __future__ import annotations
 
 import concurrent.futures
+import copy as copy_module
 import dataclasses
+import io
+import pickle
 import random
 import re
 
@@ -350,6 +353,44 @@ def test_packed_weights_refresh_after_parameter_changes(monkeypatch):
     with torch.no_grad():
         layer.vert_factor[0, 0] += 1.0
     check()
+
+
+def test_eager_fast_path_outputs_copies_and_inputs():
+    layer = make_layer(stride=(2, 1), kernel_size=5).eval()
+    x = torch.randn(2, 6, 11, 9)
+    with torch.no_grad():
+        with fused.fused_disabled():
+            expected = layer(x)
+        first = layer(x)  # packs the weights: later calls take the fast path
+        assert layer._fused_plan is not None
+        second = layer(x)
+        assert first.data_ptr() != second.data_ptr()  # a fresh output every call
+        second.add_(1.0)
+        assert relative_error(first, expected) <= TOLERANCE
+        assert first.is_contiguous() and first.dtype == torch.float32
+        # Strided inputs: channels_last, a slice, an input that requires grad (grad mode off).
+        wide = torch.randn(2, 6, 11, 20)
+        for xi in (x.to(memory_format=torch.channels_last), wide[..., 3:12], x.clone().requires_grad_(True)):
+            with fused.fused_disabled():
+                want = layer(xi)
+            assert relative_error(layer(xi), want) <= TOLERANCE
+        # Inputs the fast path does not take go to the general path: unbatched, or a clear error.
+        assert relative_error(layer(x[1]), expected[1]) <= TOLERANCE
+        with pytest.raises(ValueError, match="channels"):
+            layer(torch.randn(1, 5, 11, 9))
+        with pytest.raises(ValueError, match="smaller than"):
+            layer(torch.randn(1, 6, 1, 1))
+    # The packed weights are a cache: copies and pickles work and repack on use.
+    for copy in (copy_module.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copy._fused_plan is None
+        with torch.no_grad():
+            assert relative_error(copy(x), expected) <= TOLERANCE
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert relative_error(loaded(x), expected) <= TOLERANCE
 
 
 # Importing inductor triggers torch's own deprecation of torch.jit.script_method (not ours).

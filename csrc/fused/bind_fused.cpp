@@ -60,9 +60,9 @@ Isa resolve_isa(const std::string& name) {
     return isa;
 }
 
-py::object cp_conv2d(const FloatArray& x, const PackedWeights& w, FloatArray& y, std::pair<int64_t, int64_t> stride,
-                     std::pair<int64_t, int64_t> padding, std::pair<int64_t, int64_t> dilation, int threads,
-                     const std::string& isa_name, bool profile) {
+// The problem shape of input x on packed weights w; throws std::invalid_argument on a mismatch.
+cpconv::CPConvShape checked_shape(const py::array& x, const PackedWeights& w, std::pair<int64_t, int64_t> stride,
+                                  std::pair<int64_t, int64_t> padding, std::pair<int64_t, int64_t> dilation) {
     if (x.ndim() != 4) throw std::invalid_argument("x must be 4-D (B, C, H, W), got " + std::to_string(x.ndim()) + "-D");
     const cpconv::CPConvShape s = cpconv::make_cp_conv_shape(
         x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.out_channels, w.rank, w.groups, w.kernel_h, w.kernel_w,
@@ -71,6 +71,13 @@ py::object cp_conv2d(const FloatArray& x, const PackedWeights& w, FloatArray& y,
         throw std::invalid_argument("x has " + std::to_string(s.in_channels) + " channels, the weights expect " +
                                     std::to_string(w.in_channels));
     cpconv::validate_cp_conv_shape(s);
+    return s;
+}
+
+py::object cp_conv2d(const FloatArray& x, const PackedWeights& w, FloatArray& y, std::pair<int64_t, int64_t> stride,
+                     std::pair<int64_t, int64_t> padding, std::pair<int64_t, int64_t> dilation, int threads,
+                     const std::string& isa_name, bool profile) {
+    const cpconv::CPConvShape s = checked_shape(x, w, stride, padding, dilation);
     check_shape(y, {s.batch, s.out_channels, s.out_height(), s.out_width()}, "y");
     if (!y.writeable()) throw std::invalid_argument("y must be writeable");
     if (threads < 1) throw std::invalid_argument("threads must be >= 1, got " + std::to_string(threads));
@@ -84,6 +91,23 @@ py::object cp_conv2d(const FloatArray& x, const PackedWeights& w, FloatArray& y,
     }
     if (!profile) return py::none();
     return py::make_tuple(seconds[0], seconds[1] + seconds[2], seconds[3]);
+}
+
+// The eager layer's call: x may be any float32 array (pybind11 copies a non-C-contiguous one, e.g. a
+// channels_last tensor's view), the output is a new C-contiguous array; one Python-level hop.
+py::array_t<float> forward(const py::array_t<float, py::array::c_style | py::array::forcecast>& x,
+                           const PackedWeights& w, std::pair<int64_t, int64_t> stride,
+                           std::pair<int64_t, int64_t> padding, std::pair<int64_t, int64_t> dilation, int threads) {
+    const cpconv::CPConvShape s = checked_shape(x, w, stride, padding, dilation);
+    if (threads < 1) throw std::invalid_argument("threads must be >= 1, got " + std::to_string(threads));
+    py::array_t<float> y({s.batch, s.out_channels, s.out_height(), s.out_width()});
+    const float* xp = x.data();
+    float* yp = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        cpconv::fused::run_fused(s, xp, w, yp, threads, cpconv::fused::best_isa());
+    }
+    return y;
 }
 
 }  // namespace
@@ -107,6 +131,10 @@ void register_fused(py::module_& m) {
           py::arg("profile") = false,
           "Fused CP convolution into the preallocated y (float32, C-contiguous, zero padding). isa: 'auto', "
           "'avx512', 'avx2' or 'generic'. With profile=True returns the seconds of (stage 1, stages 2+3, stage 4), thread CPU time summed over threads.");
+    m.def("forward", &forward, py::arg("x"), py::arg("packed"), py::arg("stride"), py::arg("padding"),
+          py::arg("dilation"), py::arg("threads"),
+          "Fused CP convolution (best instruction set) into a new C-contiguous (B, N, OH, OW) float32 array; x "
+          "is converted to C-contiguous float32 if it is not.");
     m.def("best_isa", []() { return std::string(cpconv::fused::isa_name(cpconv::fused::best_isa())); },
           "The instruction set 'auto' selects on this CPU.");
     m.def("supported_isas", []() {

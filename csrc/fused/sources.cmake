@@ -19,5 +19,5 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64|i.86")
   set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/cp_conv_fused_avx2.cpp
     PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;${_cpconv_no_lto}")
   set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/cp_conv_fused_avx512.cpp
-    PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;${_cpconv_no_lto}")
+    PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512dq;-mavx2;-mfma;-mprfchw;${_cpconv_no_lto}")
 endif()

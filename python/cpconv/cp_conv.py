@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,10 +36,6 @@ from .conv_args import ConvGeometry, IntOrPair, pair
 from . import _core, fused
 
 __all__ = ["CPConv2d"]
-
-# Packed weights of each layer for the eager fused path:
-# layer -> (parameter state, packed weights, (pad_h, pad_w) or None when the input is pre-padded).
-_FUSED_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -81,6 +76,10 @@ class CPConv2d(nn.Module):
     use_fused: bool = True
     #: Threads for the fused kernel; 0 means ``torch.get_num_threads()`` at call time.
     fused_threads: int = 0
+    # The eager fused path's packed weights: (parameter state, packed weights, (pad_h, pad_w) or None
+    # when the input is pre-padded). An instance attribute once set (never pickled or copied deeply:
+    # see __getstate__); checked against the parameters' versions and pointers on every call.
+    _fused_plan: Optional[tuple] = None
 
     def __init__(
         self,
@@ -364,12 +363,11 @@ class CPConv2d(nn.Module):
                      X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
         except RuntimeError:  # inference-mode parameters have no version counter: pack every call
             state = None
-        plan = _FUSED_PLANS.get(self)
+        plan = self._fused_plan
         if plan is None or state is None or plan[0] != state:
             plan = (state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups),
                     (ph, pw) if pre_pad is None else None)
-            if state is not None:
-                _FUSED_PLANS[self] = plan
+            self.__dict__["_fused_plan"] = plan if state is not None else None
         b, c, h, w = x.shape
         (sh, sw), (dh, dw) = self.stride, self.dilation
         kh, kw = self.kernel_size
@@ -377,20 +375,22 @@ class CPConv2d(nn.Module):
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if oh < 1 or ow < 1:
             self._geometry.output_size((h, w))  # raises the descriptive error
-        y = torch.empty((b, self.out_channels, oh, ow), dtype=torch.float32)
-        _core.fused.cp_conv2d(x.detach().contiguous().numpy(), plan[1], y.numpy(), self.stride, (ph, pw),
-                              self.dilation, self.fused_threads or torch.get_num_threads(), "auto", False)
-        return y
+        # The output is a new array made by the extension (cheaper per call than torch.empty +
+        # .numpy()); torch.from_numpy shares its memory.
+        return torch.from_numpy(_core.fused.forward(
+            x.detach().numpy(), plan[1], self.stride, (ph, pw), self.dilation,
+            self.fused_threads or torch.get_num_threads()))
 
     def _forward_planned(self, x: torch.Tensor, plan: tuple) -> Optional[torch.Tensor]:
         """The eager fused call for a layer whose weights are packed; None when it does not apply.
 
         The common inference call, kept to the few checks that can change between calls without
-        changing the parameters' versions (the input, grad mode, the switches): in a network, this
-        Python runs cold, so each operation here costs.
+        changing the parameters' versions (the input, grad mode, the switches): in a network this
+        Python runs with cold caches, so every torch call here costs (tens of microseconds cold).
+        The input's rank, channels and size are checked by the extension; on a mismatch this returns
+        None and :meth:`forward` takes the general path, which handles or reports it.
         """
-        if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 4 or x.shape[1] != self.in_channels
-                or plan[2] is None or not self.use_fused or not fused.fused_enabled()):
+        if x.dtype is not torch.float32 or not x.is_cpu or plan[2] is None or not (self.use_fused and fused.fused_enabled()):
             return None
         params = self._parameters
         U, S, Y, X, bias = (params["out_factor"], params["in_factor"], params["vert_factor"],
@@ -399,23 +399,14 @@ class CPConv2d(nn.Module):
                                         or X.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         try:
-            state = (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(), Y.data_ptr(),
-                     X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
-        except RuntimeError:
+            if plan[0] != (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(),
+                           Y.data_ptr(), X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr())):
+                return None
+            y = _core.fused.forward((x.detach() if x.requires_grad else x).numpy(), plan[1], self.stride, plan[2],
+                                    self.dilation, self.fused_threads or torch.get_num_threads())
+        except (RuntimeError, ValueError):
             return None
-        if state != plan[0]:
-            return None
-        b, _, h, w = x.shape
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, plan[2], self.dilation
-        kh, kw = self.kernel_size
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            return None
-        y = torch.empty((b, self.out_channels, oh, ow), dtype=torch.float32)
-        _core.fused.cp_conv2d(x.contiguous().numpy(), plan[1], y.numpy(), self.stride, plan[2], self.dilation,
-                              self.fused_threads or torch.get_num_threads(), "auto", False)
-        return y
+        return torch.from_numpy(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to a (B, C, H, W) or (C, H, W) input.
@@ -426,7 +417,7 @@ class CPConv2d(nn.Module):
         :func:`cpconv.fused.fused_disabled` force the torch path; ``layer.fused_threads`` (0 = torch's
         thread count) sets the fused kernel's threads.
         """
-        plan = _FUSED_PLANS.get(self)
+        plan = self._fused_plan
         if (plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing()):
             y = self._forward_planned(x, plan)
@@ -441,6 +432,12 @@ class CPConv2d(nn.Module):
         else:
             y = self._forward_stages(x)
         return y.squeeze(0) if unbatched else y
+
+    def __getstate__(self) -> dict:
+        # The packed weights are a cache (and not picklable): pickles and deep copies repack on use.
+        state = super().__getstate__()
+        state.pop("_fused_plan", None)
+        return state
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
