@@ -14,18 +14,28 @@
 namespace cpconv::fused::avx512_impl {
 namespace {
 
-// kMasked: the column block is narrower than 16*NV; full blocks use plain loads (a zero-masking
-// load may need an extra ALU uop on some cores; no difference beyond noise was measured here).
 // Output lines to prefetch for writing (PREFETCHW), one per k step of the K loop so they never
 // crowd the line-fill buffers: `count` lines, `per_row` consecutive lines in each row of stride `ld`.
-// Stage 4 writes its output tile to the layer's output, which is cold in a network (written once,
-// after other layers ran): fetching the lines during the tile's K loop hides that latency (3-4% of
-// a cold call measured; nothing hot).
+// The tiles' destinations (the layer's output for stage 4, the band buffer for stage 1) are cold in
+// a network: fetching their lines during the tile's K loop hides that latency (each measured at
+// 3-4% of a cold call, interleaved A/B over the benchmark layers).
 struct PrefetchList {
     const float* base = nullptr;
     int64_t ld = 0, per_row = 1, count = 0;
 };
 
+// The lines of an mr x np output tile at row stride ldc.
+inline PrefetchList output_tile(const float* c, int64_t ldc, int64_t mr, int64_t np) {
+    PrefetchList pw;
+    pw.base = c;
+    pw.ld = ldc;
+    pw.per_row = (np + 15) / 16;
+    pw.count = mr * pw.per_row;
+    return pw;
+}
+
+// kMasked: the column block is narrower than 16*NV; full blocks use plain loads (a zero-masking
+// load may need an extra ALU uop on some cores; no difference beyond noise was measured here).
 template <int NV, bool kMasked>
 inline void microkernel_8xNV(int64_t K, const float* __restrict a, const float* __restrict b, int64_t ldb,
                              float* __restrict c, int64_t ldc, int64_t mr, int64_t np,
@@ -93,12 +103,8 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
             const float* bias = row_bias ? row_bias + m0 : nullptr;
             for (int64_t p0 = 0; p0 < P; p0 += 48) {
                 const int64_t np = (P - p0) < 48 ? (P - p0) : 48;
-                PrefetchList pw;
-                pw.base = C + m0 * ldc + p0;
-                pw.ld = ldc;
-                pw.per_row = (np + 15) / 16;
-                pw.count = mr * pw.per_row;
-                microkernel_8xN(K, A + m0 * K, B + p0, ldb, C + m0 * ldc + p0, ldc, mr, np, bias, pw);
+                microkernel_8xN(K, A + m0 * K, B + p0, ldb, C + m0 * ldc + p0, ldc, mr, np, bias,
+                                output_tile(C + m0 * ldc + p0, ldc, mr, np));
             }
         }
         return;
@@ -125,7 +131,7 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const int64_t mr = (M - m0) < 8 ? (M - m0) : 8;
             microkernel_8xN(K, A + m0 * K, b_pack, 48, C + m0 * ldc + p0, ldc, mr, np,
-                            row_bias ? row_bias + m0 : nullptr, PrefetchList{});
+                            row_bias ? row_bias + m0 : nullptr, output_tile(C + m0 * ldc + p0, ldc, mr, np));
         }
     }
 }
