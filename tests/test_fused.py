@@ -140,6 +140,29 @@ def test_tile_boundaries(isa):
         check_case(case, isa, threads=1)
 
 
+def depthwise_row_cases():
+    """The depthwise stages on rows of 1 to 300 columns (several vectors and a tail), taps up to 17
+    (past the kernels' tap groups of 16), dilations, and zero padding up to 33 columns."""
+    rng = random.Random(7)
+    seed = 1000
+    for width in (1, 15, 16, 17, 33, 100, 250, 256, 257, 300):
+        for kw, dw, pw in ((1, 1, 0), (3, 1, 1), (7, 2, 6), (16, 1, 15), (17, 1, 8), (3, 5, 20), (5, 1, 33)):
+            seed += 1
+            kh, dh = rng.choice([(1, 1), (3, 1), (3, 2), (17, 1)])
+            height = max(1, dh * (kh - 1) + 1) + rng.randint(0, 3)
+            sh, sw = rng.choice([1, 2]), rng.choice([1, 1, 2])
+            if width + 2 * pw < dw * (kw - 1) + 1:
+                continue
+            yield Case(1, 2, 3, rng.choice([1, 5, 9]), 1, height, width, (kh, kw), (sh, sw), (rng.randint(0, kh), pw),
+                       (dh, dw), False, seed)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_depthwise_row_paths(isa):
+    for case in depthwise_row_cases():
+        check_case(case, isa, threads=1)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_benchmark_like_layer(isa):
     # AlexNet conv3 at rank 64: real channel counts, several bands per thread, two threads.
