@@ -4,14 +4,18 @@ Usage: ``python benchmarks/fused_overhead.py [C N k H R]`` (default: AlexNet con
 
 Times, as thread CPU time (immune to other processes on a shared machine), medians of 40 rounds:
 
-- ``kernel``        the C++ kernel called directly on packed weights into a preallocated output
-- ``kernel+alloc``  the same with a fresh ``torch.empty`` output per call
-- ``layer``         ``CPConv2d.__call__`` in inference mode (the eager fused path)
-- ``ort``           ONNX Runtime's 4-stage session (reference point)
-
-each measured twice: hot (calls back to back) and cold (16 MiB of other data read before each
-call, as between layers of a network). The kernel's own counters split its time into stage 1,
-stages 2+3 and stage 4.
+1. The call. ``kernel`` = the C++ kernel called directly on packed weights into a preallocated
+   output; ``kernel+alloc`` = the eager layer's extension call (``_core.fused.forward``: a new
+   output array per call) and ``torch.from_numpy``; ``layer`` = ``CPConv2d.__call__`` in inference
+   mode (the eager fused path); ``ort`` = ONNX Runtime's 4-stage session (reference point). Each hot
+   (calls back to back) and cold (16 MiB of other data read before each call, as between layers
+   of a network).
+2. The kernel's own counters (stage 1, stages 2+3, stage 4), hot and cold.
+3. Which data makes a cold call slow: the kernel after the 16 MiB read, then with parts warmed
+   again before the call: its input and output (numpy reads), the packed weights (a call on a 1x1
+   input), or everything it touches except x and y (a call of the same shape on other arrays).
+4. The machine's read bandwidth after the same 16 MiB read (numpy sum over an array of the size of
+   the layer's input + weights + output): the floor on moving that data once from memory.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ import torch
 
 from cpconv import CPConv2d, _core, fused
 from cpconv.bench import four_stage_sequential, onnxruntime_session
+
+ROUNDS = 40
+
+
+def median_us(times) -> float:
+    return statistics.median(times) * 1e6
 
 
 def main(argv) -> None:
@@ -41,23 +51,22 @@ def main(argv) -> None:
     ort = onnxruntime_session(four_stage_sequential(layer), x, 1)
     junk = np.ones(16 << 20, dtype=np.uint8)
 
-    def kernel_alloc():
-        out = torch.empty((1, N, H, H))
-        _core.fused.cp_conv2d(xn, packed, out.numpy(), (1, 1), pad, (1, 1), 1, "auto", False)
+    def kernel(inp=xn, out=y, profile=False):
+        return _core.fused.cp_conv2d(inp, packed, out, (1, 1), pad, (1, 1), 1, "auto", profile)
 
     contenders = {
-        "kernel": lambda: _core.fused.cp_conv2d(xn, packed, y, (1, 1), pad, (1, 1), 1, "auto", False),
-        "kernel+alloc": kernel_alloc,
+        "kernel": kernel,
+        "kernel+alloc": lambda: torch.from_numpy(_core.fused.forward(xn, packed, (1, 1), pad, (1, 1), 1)),
         "layer": lambda: layer(x),
         "ort": lambda: ort(xn),
     }
-    print(f"C={C} N={N} k={k} H=W={H} R={R}, 1 thread, thread CPU time, median of 40 rounds")
+    print(f"C={C} N={N} k={k} H=W={H} R={R}, 1 thread, thread CPU time, median of {ROUNDS} rounds")
     with torch.inference_mode():
-        for name, f in contenders.items():
+        for f in contenders.values():
             f()
         for mode in ("hot", "cold"):
             times = {n: [] for n in contenders}
-            for _ in range(40):
+            for _ in range(ROUNDS):
                 for name, f in contenders.items():
                     if mode == "cold":
                         junk.sum()
@@ -66,11 +75,51 @@ def main(argv) -> None:
                     t0 = time.thread_time()
                     f()
                     times[name].append(time.thread_time() - t0)
-            print(f"{mode:5s} " + "  ".join(f"{n} {statistics.median(t) * 1e6:7.0f} us" for n, t in times.items()))
-        split = np.zeros(3)
-        for _ in range(20):
-            split += _core.fused.cp_conv2d(xn, packed, y, (1, 1), pad, (1, 1), 1, "auto", True)
-        print("kernel stages (hot, us): stage 1 %.0f, stages 2+3 %.0f, stage 4 %.0f" % tuple(split / 20 * 1e6))
+            print(f"{mode:5s} " + "  ".join(f"{n} {median_us(t):7.0f} us" for n, t in times.items()))
+
+    for mode in ("hot", "cold"):
+        split = []
+        for _ in range(ROUNDS):
+            junk.sum() if mode == "cold" else kernel()
+            split.append(kernel(profile=True))
+        print(f"kernel stages ({mode}, us): stage 1 %.0f, stages 2+3 %.0f, stage 4 %.0f"
+              % tuple(np.median(np.array(split), axis=0) * 1e6))
+
+    tiny_x = np.random.default_rng(0).random((1, C, 1, 1), dtype=np.float32)
+    tiny_y = np.empty((1, N, 1, 1), dtype=np.float32)
+    other_x, other_y = np.random.default_rng(1).random(xn.shape, dtype=np.float32), np.empty_like(y)
+    conditions = {
+        "hot": kernel,
+        "cold": lambda: None,
+        "cold, x and y warm": lambda: (xn.sum(), y.sum()),
+        "cold, weights warm": lambda: kernel(tiny_x, tiny_y),
+        "cold, x, y, weights warm": lambda: (kernel(tiny_x, tiny_y), xn.sum(), y.sum()),
+        "cold, all but x and y warm": lambda: kernel(other_x, other_y),
+        "cold, all warm": lambda: (kernel(other_x, other_y), xn.sum(), y.sum()),
+    }
+    times = {n: [] for n in conditions}
+    for _ in range(ROUNDS):
+        for name, warm in conditions.items():
+            if name != "hot":
+                junk.sum()
+            warm()
+            t0 = time.thread_time()
+            kernel()
+            times[name].append(time.thread_time() - t0)
+    print("kernel after a 16 MiB read, parts warmed again (us): "
+          + ", ".join(f"{n} {median_us(t):.0f}" for n, t in times.items()))
+
+    data_bytes = xn.nbytes + packed.nbytes + y.nbytes
+    block = np.ones(data_bytes // 4, dtype=np.float32)
+    reads = []
+    for _ in range(ROUNDS):
+        junk.sum()
+        t0 = time.perf_counter()
+        block.sum()
+        reads.append(time.perf_counter() - t0)
+    seconds = statistics.median(reads)
+    print(f"reading {data_bytes >> 10} KiB (x + packed weights + y) after the 16 MiB read: {seconds * 1e6:.0f} us "
+          f"= {data_bytes / seconds / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -93,11 +93,15 @@ py::object cp_conv2d(const FloatArray& x, const PackedWeights& w, FloatArray& y,
     return py::make_tuple(seconds[0], seconds[1] + seconds[2], seconds[3]);
 }
 
-// The eager layer's call: x may be any float32 array (pybind11 copies a non-C-contiguous one, e.g. a
-// channels_last tensor's view), the output is a new C-contiguous array; one Python-level hop.
-py::array_t<float> forward(const py::array_t<float, py::array::c_style | py::array::forcecast>& x,
-                           const PackedWeights& w, std::pair<int64_t, int64_t> stride,
+// The eager layer's call: x must be float32 (TypeError otherwise), any strides (a non-C-contiguous
+// array, e.g. a channels_last tensor's view, is copied); the output is a new C-contiguous array. One
+// Python-level hop that also does the checks the caller would otherwise make one torch call each for.
+py::array_t<float> forward(const py::array& x_any, const PackedWeights& w, std::pair<int64_t, int64_t> stride,
                            std::pair<int64_t, int64_t> padding, std::pair<int64_t, int64_t> dilation, int threads) {
+    if (!x_any.dtype().is(py::dtype::of<float>()))
+        throw py::type_error("x must be a float32 array, got " + std::string(py::str(x_any.dtype())));
+    const auto x = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_any);
+    if (!x) throw py::error_already_set();
     const cpconv::CPConvShape s = checked_shape(x, w, stride, padding, dilation);
     if (threads < 1) throw std::invalid_argument("threads must be >= 1, got " + std::to_string(threads));
     py::array_t<float> y({s.batch, s.out_channels, s.out_height(), s.out_width()});
@@ -133,8 +137,8 @@ void register_fused(py::module_& m) {
           "'avx512', 'avx2' or 'generic'. With profile=True returns the seconds of (stage 1, stages 2+3, stage 4), thread CPU time summed over threads.");
     m.def("forward", &forward, py::arg("x"), py::arg("packed"), py::arg("stride"), py::arg("padding"),
           py::arg("dilation"), py::arg("threads"),
-          "Fused CP convolution (best instruction set) into a new C-contiguous (B, N, OH, OW) float32 array; x "
-          "is converted to C-contiguous float32 if it is not.");
+          "Fused CP convolution (best instruction set) into a new C-contiguous (B, N, OH, OW) float32 array. x "
+          "must be float32 (TypeError otherwise); a non-C-contiguous x is copied.");
     m.def("best_isa", []() { return std::string(cpconv::fused::isa_name(cpconv::fused::best_isa())); },
           "The instruction set 'auto' selects on this CPU.");
     m.def("supported_isas", []() {

@@ -9,8 +9,8 @@ round-robin so that load changes hit every contender alike, the median latency o
 - ``torch4_cl``      the same, channels_last
 - ``ort4``           those four stages exported to ONNX and run by ONNX Runtime's CPU provider with
                      the same thread count (needs the ``bench`` extra: onnx, onnxruntime)
-- ``fused``          :class:`cpconv.CPConv2d` in inference mode, i.e. the fused kernel via the
-                     ``cpconv::cp_conv2d`` custom op (per-call overhead included)
+- ``fused``          :class:`cpconv.CPConv2d` in inference mode, i.e. the fused kernel by its eager
+                     path (torch tensor in and out; the whole per-call cost of ``layer(x)`` included)
 
 and the machine's ceiling: the GFLOP/s of a 2048 x 2048 single-precision matmul at the same thread
 count. GFLOP/s count 2 FLOPs per multiply-add of the CP stages (the dense rows: of the dense conv).

@@ -387,10 +387,11 @@ class CPConv2d(nn.Module):
         The common inference call, kept to the few checks that can change between calls without
         changing the parameters' versions (the input, grad mode, the switches): in a network this
         Python runs with cold caches, so every torch call here costs (tens of microseconds cold).
-        The input's rank, channels and size are checked by the extension; on a mismatch this returns
-        None and :meth:`forward` takes the general path, which handles or reports it.
+        The input's device, dtype, rank, channels and size are checked by ``x.numpy()`` and the
+        extension; on a mismatch this returns None and :meth:`forward` takes the general path, which
+        handles or reports it.
         """
-        if x.dtype is not torch.float32 or not x.is_cpu or plan[2] is None or not (self.use_fused and fused.fused_enabled()):
+        if plan[2] is None or not (self.use_fused and fused.fused_enabled()):
             return None
         params = self._parameters
         U, S, Y, X, bias = (params["out_factor"], params["in_factor"], params["vert_factor"],
@@ -402,9 +403,11 @@ class CPConv2d(nn.Module):
             if plan[0] != (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(),
                            Y.data_ptr(), X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr())):
                 return None
+            # x.numpy() fails off the CPU (TypeError) and on dtypes numpy lacks; the extension rejects
+            # any dtype but float32 (TypeError) and any shape the packed weights do not fit (ValueError).
             y = _core.fused.forward((x.detach() if x.requires_grad else x).numpy(), plan[1], self.stride, plan[2],
                                     self.dilation, self.fused_threads or torch.get_num_threads())
-        except (RuntimeError, ValueError):
+        except (RuntimeError, TypeError, ValueError):
             return None
         return torch.from_numpy(y)
 
