@@ -2,7 +2,9 @@
 #include "fused/cp_conv_fused.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -13,6 +15,9 @@ void require(bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument(what);
 }
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+struct AlignedFree {
+    void operator()(float* p) const { std::free(p); }
+};
 // Target size of one band's R-channel buffers (T1 + T2 + T3): well inside L2 with the packed
 // stage-4 weights and the output band beside them.
 constexpr int64_t kBandBytes = int64_t(768) << 10;
@@ -139,9 +144,11 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     band = std::max<int64_t>(1, std::min(band, rows_per_chunk));
     // Stage-1 rows of one band in padded coordinates (zero rows included).
     const int64_t t1_rows = (band - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
-    // +16 floats per thread keep the threads' buffers from sharing cache lines.
-    const int64_t ws_floats =
-        round_up(Rg * (t1_rows * W + band * OW) + band * w2 + 48 * (s.in_channels / s.groups) + 16, 16);
+    // Each buffer starts on a 64-byte boundary (kAlignFloats), so the GEMMs' full-vector loads from
+    // the packing block never straddle two cache lines; +16 floats per thread keep the threads'
+    // buffers from sharing lines.
+    const int64_t ws_floats = Rg * round_up(t1_rows * W, kAlignFloats) + round_up(band * w2, kAlignFloats) +
+                              Rg * round_up(band * OW, kAlignFloats) + 48 * (s.in_channels / s.groups) + 16;
 
     // One image on several threads, small enough to keep whole: split channels, not rows.
     const int64_t full_t1_rows = (OH - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
@@ -156,14 +163,18 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
         p_t1_rows = full_t1_rows;
         p_band = OH;
         p_chunks = 1;
-        p_ws_floats = round_up(OH * w2 + 48 * s.in_channels + 16, 16);
-        need = s.rank * (full_t1_rows * W + OH * OW) + p_ws_floats * p_threads;
+        p_ws_floats = round_up(OH * w2, kAlignFloats) + 48 * s.in_channels + 16;
+        need = s.rank * round_up(full_t1_rows * W, kAlignFloats) + s.rank * round_up(OH * OW, kAlignFloats) +
+               p_ws_floats * p_threads;
     }
     // Reused across calls from the same calling thread: no page faults per call.
-    thread_local std::unique_ptr<float[]> workspace;
+    thread_local std::unique_ptr<float[], AlignedFree> workspace;
     thread_local int64_t workspace_size = 0;
     if (need > workspace_size) {
-        workspace.reset(new float[static_cast<size_t>(need)]);
+        void* memory = std::aligned_alloc(kAlignFloats * sizeof(float),
+                                          static_cast<size_t>(round_up(need, kAlignFloats)) * sizeof(float));
+        if (!memory) throw std::bad_alloc();
+        workspace.reset(static_cast<float*>(memory));
         workspace_size = need;
     }
     std::unique_ptr<double[]> timing;

@@ -17,6 +17,9 @@ namespace cpconv::fused {
 // the same packing, so one packed buffer serves all of them.
 constexpr int64_t kPanelRows = 8;
 
+// The workspace and each buffer in it start on a multiple of this many floats (64 bytes).
+constexpr int64_t kAlignFloats = 16;
+
 // Weights packed once per weight version. Layout of `data` (floats), per group g in turn:
 //   stage-1 panels: ceil(Rg/8) panels of [Cg][8] holding S[c, g*Rg + r] (zero rows past Rg)
 //   stage-4 panels: ceil(Ng/8) panels of [Rg][8] holding U[g*Ng + n, r] (zero rows past Ng)
@@ -61,7 +64,7 @@ struct FusedProblem {
     int64_t row_chunks;  // contiguous row ranges per image (work items = batch * row_chunks)
     bool split_channels;  // threads split ranks / output channels of one image (see run_split_channels)
     int64_t t1_rows;     // capacity (rows) of the stage-1 buffer
-    float* workspace;    // threads * workspace_floats
+    float* workspace;    // threads * workspace_floats, 64-byte aligned (workspace_floats: a multiple of 16)
     int64_t workspace_floats;
     double* stage_seconds;  // null, or threads x 4 accumulators (debug timing: stage 1, 2+3, -, 4)
 };
