@@ -2,9 +2,8 @@
 #include "fused/cp_conv_fused.h"
 
 #include <algorithm>
-#include <cstdlib>
+#include <cstdint>
 #include <memory>
-#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -15,9 +14,6 @@ void require(bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument(what);
 }
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-struct AlignedFree {
-    void operator()(float* p) const { std::free(p); }
-};
 // Target size of one band's R-channel buffers (T1 + T2 + T3): well inside L2 with the packed
 // stage-4 weights and the output band beside them.
 constexpr int64_t kBandBytes = int64_t(768) << 10;
@@ -168,21 +164,22 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
                p_ws_floats * p_threads;
     }
     // Reused across calls from the same calling thread: no page faults per call.
-    thread_local std::unique_ptr<float[], AlignedFree> workspace;
+    // (kAlignFloats extra floats let the used part start on a 64-byte boundary.)
+    thread_local std::unique_ptr<float[]> workspace;
     thread_local int64_t workspace_size = 0;
     if (need > workspace_size) {
-        void* memory = std::aligned_alloc(kAlignFloats * sizeof(float),
-                                          static_cast<size_t>(round_up(need, kAlignFloats)) * sizeof(float));
-        if (!memory) throw std::bad_alloc();
-        workspace.reset(static_cast<float*>(memory));
+        workspace.reset(new float[static_cast<size_t>(need + kAlignFloats)]);
         workspace_size = need;
     }
+    float* aligned_workspace = workspace.get();
+    aligned_workspace += (kAlignFloats - (reinterpret_cast<uintptr_t>(aligned_workspace) / sizeof(float)) % kAlignFloats) %
+                         kAlignFloats;
     std::unique_ptr<double[]> timing;
     if (stage_seconds) {
         timing.reset(new double[static_cast<size_t>(4 * std::max(threads, threads_requested))]());
     }
     FusedProblem p{s,        x,           y,      &w, p_threads, p_band, p_chunks, split_channels,
-                  p_t1_rows, workspace.get(), p_ws_floats, timing.get()};
+                  p_t1_rows, aligned_workspace, p_ws_floats, timing.get()};
     threads = p_threads;
     switch (isa) {
         case Isa::avx512: f32_cpconv_fused__avx512(p); break;
