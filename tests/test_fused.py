@@ -171,6 +171,9 @@ def test_benchmark_like_layer(isa):
     # Larger map with small bands: stage-1 row reuse across bands.
     case = Case(2, 32, 48, 200, 1, 40, 37, (5, 3), (1, 1), (2, 1), (1, 1), True, 8)
     check_case(case, isa, threads=1)
+    # Several bands with a row stride, dilation and groups (band rows shared across a stride).
+    case = Case(1, 24, 36, 384, 3, 47, 52, (3, 3), (2, 1), (2, 1), (2, 1), False, 9)
+    check_case(case, isa, threads=1)
 
 
 def test_isa_selection_is_reported():
