@@ -94,22 +94,28 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
     }
 }
 
-// dst[i] = sum_j coeff[j] * src[i + offset[j]] for i in [0, n); every read is inside the source.
-void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int64_t* __restrict offset,
-              const float* __restrict src, float* __restrict dst) {
-    int64_t i0 = 0;
-    for (; i0 + 8 <= n; i0 += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < taps; ++j)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(coeff[j]), _mm256_loadu_ps(src + i0 + offset[j]), acc);
-        _mm256_storeu_ps(dst + i0, acc);
-    }
-    if (i0 < n) {
-        const __m256i m = tail_mask(n - i0);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < taps; ++j)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(coeff[j]), _mm256_maskload_ps(src + i0 + offset[j], m), acc);
-        _mm256_maskstore_ps(dst + i0, m, acc);
+// For each of `rows` rows t: dst[t * ds + i] = sum_j coeff[j] * src[t * ss + i + offset[j]], i in
+// [0, n); every read is inside the source. The tail mask is set up once for all rows.
+void taps_rows(int64_t rows, int64_t n, int64_t taps, const float* __restrict coeff,
+               const int64_t* __restrict offset, const float* __restrict src, int64_t ss, float* __restrict dst,
+               int64_t ds) {
+    const int64_t full = n / 8 * 8;
+    const __m256i m = tail_mask(n - full);
+    for (int64_t t = 0; t < rows; ++t) {
+        const float* row = src + t * ss;
+        float* out = dst + t * ds;
+        for (int64_t i0 = 0; i0 < full; i0 += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = 0; j < taps; ++j)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(coeff[j]), _mm256_loadu_ps(row + i0 + offset[j]), acc);
+            _mm256_storeu_ps(out + i0, acc);
+        }
+        if (full < n) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = 0; j < taps; ++j)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(coeff[j]), _mm256_maskload_ps(row + full + offset[j], m), acc);
+            _mm256_maskstore_ps(out + full, m, acc);
+        }
     }
 }
 

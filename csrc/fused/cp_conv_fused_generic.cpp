@@ -45,14 +45,20 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
     }
 }
 
-// dst[i] = sum_j coeff[j] * src[i + offset[j]] for i in [0, n); every read is inside the source.
-void taps_row(int64_t n, int64_t taps, const float* __restrict coeff, const int64_t* __restrict offset,
-              const float* __restrict src, float* __restrict dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = 0.0f;
-    for (int64_t j = 0; j < taps; ++j) {
-        const float c = coeff[j];
-        const float* __restrict s = src + offset[j];
-        for (int64_t i = 0; i < n; ++i) dst[i] += c * s[i];
+// For each of `rows` rows t: dst[t * ds + i] = sum_j coeff[j] * src[t * ss + i + offset[j]], i in
+// [0, n); every read is inside the source.
+void taps_rows(int64_t rows, int64_t n, int64_t taps, const float* __restrict coeff,
+               const int64_t* __restrict offset, const float* __restrict src, int64_t ss, float* __restrict dst,
+               int64_t ds) {
+    for (int64_t t = 0; t < rows; ++t) {
+        const float* row = src + t * ss;
+        float* __restrict out = dst + t * ds;
+        for (int64_t i = 0; i < n; ++i) out[i] = 0.0f;
+        for (int64_t j = 0; j < taps; ++j) {
+            const float c = coeff[j];
+            const float* __restrict s = row + offset[j];
+            for (int64_t i = 0; i < n; ++i) out[i] += c * s[i];
+        }
     }
 }
 
