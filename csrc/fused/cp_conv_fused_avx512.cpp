@@ -137,16 +137,19 @@ void gemm_packed(int64_t M, int64_t P, int64_t K, const float* A, const float* B
 }
 
 // For each of `rows` rows t: dst[t * ds + i] = sum_j coeff[j] * src[t * ss + i + offset[j]], i in
-// [0, n); every read is inside the source. All taps accumulate in registers; one store per 16
-// outputs. The coefficients, pointers and tail mask are set up once for all rows (per row they were
-// ~40% of the time on 13-wide rows, perf); the tap count is a template parameter for the common
-// kernel sizes so they stay in registers.
+// [0, n); every read is inside the source; taps <= 16 (the driver's tap groups). All taps accumulate
+// in registers; one store per 16 outputs. The coefficients and tail mask are set up once for all rows
+// (per row they were ~40% of the time on 13-wide rows, perf). T > 0: the tap count as a template
+// parameter for the common kernel sizes (fully unrolled); T == 0: `taps` at run time.
 template <int T>
-inline void taps_rows_fixed(int64_t rows, int64_t n, const float* __restrict coeff, const int64_t* __restrict offset,
-                            const float* __restrict src, int64_t ss, float* __restrict dst, int64_t ds) {
-    __m512 c[T];
+inline void taps_rows_fixed(int64_t rows, int64_t n, int64_t taps, const float* __restrict coeff,
+                            const int64_t* __restrict offset, const float* __restrict src, int64_t ss,
+                            float* __restrict dst, int64_t ds) {
+    constexpr int kMax = T > 0 ? T : 16;
+    const int count = T > 0 ? T : int(taps);
+    __m512 c[kMax];
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) c[j] = _mm512_set1_ps(coeff[j]);
+    for (int j = 0; j < count; ++j) c[j] = _mm512_set1_ps(coeff[j]);
     const int64_t full = n / 16 * 16;
     const __mmask16 m = __mmask16((1u << (n - full)) - 1u);
     for (int64_t t = 0; t < rows; ++t) {
@@ -155,13 +158,14 @@ inline void taps_rows_fixed(int64_t rows, int64_t n, const float* __restrict coe
         for (int64_t i0 = 0; i0 < full; i0 += 16) {
             __m512 acc = _mm512_mul_ps(c[0], _mm512_loadu_ps(row + offset[0] + i0));
 #pragma GCC unroll 8
-            for (int j = 1; j < T; ++j) acc = _mm512_fmadd_ps(c[j], _mm512_loadu_ps(row + offset[j] + i0), acc);
+            for (int j = 1; j < count; ++j) acc = _mm512_fmadd_ps(c[j], _mm512_loadu_ps(row + offset[j] + i0), acc);
             _mm512_storeu_ps(out + i0, acc);
         }
         if (full < n) {
             __m512 acc = _mm512_mul_ps(c[0], _mm512_maskz_loadu_ps(m, row + offset[0] + full));
 #pragma GCC unroll 8
-            for (int j = 1; j < T; ++j) acc = _mm512_fmadd_ps(c[j], _mm512_maskz_loadu_ps(m, row + offset[j] + full), acc);
+            for (int j = 1; j < count; ++j)
+                acc = _mm512_fmadd_ps(c[j], _mm512_maskz_loadu_ps(m, row + offset[j] + full), acc);
             _mm512_mask_storeu_ps(out + full, m, acc);
         }
     }
@@ -171,31 +175,13 @@ void taps_rows(int64_t rows, int64_t n, int64_t taps, const float* __restrict co
                const int64_t* __restrict offset, const float* __restrict src, int64_t ss, float* __restrict dst,
                int64_t ds) {
     switch (taps) {
-        case 1: return taps_rows_fixed<1>(rows, n, coeff, offset, src, ss, dst, ds);
-        case 2: return taps_rows_fixed<2>(rows, n, coeff, offset, src, ss, dst, ds);
-        case 3: return taps_rows_fixed<3>(rows, n, coeff, offset, src, ss, dst, ds);
-        case 4: return taps_rows_fixed<4>(rows, n, coeff, offset, src, ss, dst, ds);
-        case 5: return taps_rows_fixed<5>(rows, n, coeff, offset, src, ss, dst, ds);
-        case 7: return taps_rows_fixed<7>(rows, n, coeff, offset, src, ss, dst, ds);
-        default: break;
-    }
-    const int64_t full = n / 16 * 16;
-    const __mmask16 m = __mmask16((1u << (n - full)) - 1u);
-    for (int64_t t = 0; t < rows; ++t) {
-        const float* row = src + t * ss;
-        float* out = dst + t * ds;
-        for (int64_t i0 = 0; i0 < full; i0 += 16) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t j = 0; j < taps; ++j)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(coeff[j]), _mm512_loadu_ps(row + i0 + offset[j]), acc);
-            _mm512_storeu_ps(out + i0, acc);
-        }
-        if (full < n) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t j = 0; j < taps; ++j)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(coeff[j]), _mm512_maskz_loadu_ps(m, row + full + offset[j]), acc);
-            _mm512_mask_storeu_ps(out + full, m, acc);
-        }
+        case 1: return taps_rows_fixed<1>(rows, n, taps, coeff, offset, src, ss, dst, ds);
+        case 2: return taps_rows_fixed<2>(rows, n, taps, coeff, offset, src, ss, dst, ds);
+        case 3: return taps_rows_fixed<3>(rows, n, taps, coeff, offset, src, ss, dst, ds);
+        case 4: return taps_rows_fixed<4>(rows, n, taps, coeff, offset, src, ss, dst, ds);
+        case 5: return taps_rows_fixed<5>(rows, n, taps, coeff, offset, src, ss, dst, ds);
+        case 7: return taps_rows_fixed<7>(rows, n, taps, coeff, offset, src, ss, dst, ds);
+        default: return taps_rows_fixed<0>(rows, n, taps, coeff, offset, src, ss, dst, ds);
     }
 }
 
