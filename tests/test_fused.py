@@ -406,6 +406,8 @@ def test_eager_fast_path_outputs_copies_and_inputs():
             layer(torch.randn(1, 5, 11, 9))
         with pytest.raises(ValueError, match="smaller than"):
             layer(torch.randn(1, 6, 1, 1))
+        # An empty batch gives an empty output, as nn.Conv2d does.
+        assert layer(torch.randn(0, 6, 11, 9)).shape == (0, *expected.shape[1:])
     # The packed weights are a cache: copies and pickles work and repack on use.
     for copy in (copy_module.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert copy._fused_plan is None

@@ -325,7 +325,7 @@ class CPConv2d(nn.Module):
         # TorchScript tracing and ONNX export need ops they know: keep the torch stages for them.
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return False
-        if x.dtype != torch.float32 or not x.is_cpu:
+        if x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0:  # an empty batch: torch's path
             return False
         params = self._parameters  # direct access: this runs on every call
         need_grad = torch.is_grad_enabled() and x.requires_grad
