@@ -32,18 +32,20 @@ def main() -> None:
                 m.fused_threads = threads
         dense_ort = onnxruntime_session(dense, x, threads)
         cp_ort = onnxruntime_session(compressed, x, threads)
-        xn = x.numpy()
+        # Each contender reads its own copy of the input (see interleaved_medians).
+        own = [x.clone() for _ in range(5)]
+        x_dense_ort, x_cp_ort = own[3].numpy(), own[4].numpy()
 
         def cp_torch():
             with fused_disabled():
-                return compressed(x)
+                return compressed(own[1])
 
         contenders = {
-            "dense torch": lambda: dense(x),
+            "dense torch": lambda: dense(own[0]),
             "compressed torch 4-stage": cp_torch,
-            "compressed fused": lambda: compressed(x),
-            "dense ORT": lambda: dense_ort(xn),
-            "compressed ORT": lambda: cp_ort(xn),
+            "compressed fused": lambda: compressed(own[2]),
+            "dense ORT": lambda: dense_ort(x_dense_ort),
+            "compressed ORT": lambda: cp_ort(x_cp_ort),
         }
         with torch.inference_mode():
             medians = interleaved_medians(contenders, args.reps)

@@ -44,3 +44,22 @@ def test_bench_runs_and_reports(capsys):
         bench.run(parser.parse_args(["--layers", "nosuchlayer", "--no-onnx"]))
     with pytest.raises(ValueError, match="--threads"):
         bench.run(parser.parse_args(["--threads", "0", "--no-onnx"]))
+
+
+def test_interleaved_medians_times_every_call_in_shuffled_rounds():
+    calls = []
+    contenders = {name: (lambda n=name: calls.append(n)) for name in "abcd"}
+    medians = bench.interleaved_medians(contenders, reps=30, burst=3)
+    assert set(medians) == set("abcd") and all(m >= 0 for m in medians.values())
+    timed = calls[8:]  # after two warm-up calls each
+    assert sorted(calls[:8]) == sorted("abcd" * 2) and len(timed) == 30 * 4 * 3
+    rounds = ["".join(timed[i:i + 12:3]) for i in range(0, len(timed), 12)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # each contender once per round, burst kept together
+    # Shuffled, not rotated: a contender does not always follow the same one.
+    predecessors = {(r[i - 1], r[i]) for r in rounds for i in range(1, 4)}
+    assert len({p for p, n in predecessors if n == "a"}) > 1
+
+
+def test_numpy_sgemm_ceiling_is_measured():
+    gflops = bench.numpy_sgemm_gflops(1, size=256, reps=3)
+    assert gflops is not None and gflops > 0

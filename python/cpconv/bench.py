@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -140,21 +141,68 @@ def sgemm_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
+_NUMPY_SGEMM = """
+import statistics, sys, time
+import numpy as np
+size, reps = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((size, size), dtype=np.float32), rng.standard_normal((size, size), dtype=np.float32)
+a @ b
+times = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    a @ b
+    times.append(time.perf_counter() - t0)
+print(2 * size**3 / statistics.median(times) / 1e9)
+"""
+
+
+def numpy_sgemm_gflops(threads: int, size: int = 2048, reps: int = 9) -> Optional[float]:
+    """GFLOP/s of a size x size float32 ``numpy`` matmul (its BLAS, OpenBLAS in numpy's wheels) with
+    ``threads`` threads, in a fresh process; None if that fails.
+
+    OpenBLAS picks its kernels from the CPU model when it loads, and on CPUs it does not know (AMD
+    Zen 5 in numpy 2.4's OpenBLAS 0.3.31) falls back to AVX2 kernels; MKL (torch's BLAS) does not
+    use AVX-512 on AMD CPUs either. So on a CPU with AVX-512 the process is started with
+    ``OPENBLAS_CORETYPE=SkylakeX`` (OpenBLAS's AVX-512 kernels), and the machine's ceiling is the
+    faster of this and :func:`sgemm_gflops`.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    isa = best_isa()
+    if isa == "avx512":
+        env["OPENBLAS_CORETYPE"] = "SkylakeX"
+    elif isa == "avx2":
+        env["OPENBLAS_CORETYPE"] = "Haswell"
+    try:
+        out = subprocess.run([sys.executable, "-c", _NUMPY_SGEMM, str(size), str(reps)], env=env,
+                             capture_output=True, text=True, timeout=300, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def interleaved_medians(contenders: Dict[str, Callable[[], object]], reps: int, burst: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin (the order rotates every round).
+    """Median seconds per call of each contender, timed in rounds (a new random order every round).
 
     With ``burst == 1`` each round times one call of each contender, right after the others ran
     (caches hold the other contenders' data: the latency of a layer inside a network). With
     ``burst > 1`` each round makes ``burst`` consecutive calls and times the last ``burst - 1``
-    (warm caches: the latency of the same layer called repeatedly).
+    (warm caches: the latency of the same layer called repeatedly). The order is shuffled (seeded,
+    so runs repeat) rather than rotated: a rotation keeps each contender's predecessor, and a
+    contender that shares data with its predecessor (the same input tensor) would always find that
+    data warm. Callers give each contender its own input for the same reason.
     """
     names = list(contenders)
     for name in names:  # warm-up (first-call allocations, ORT arena, packing)
         contenders[name]()
         contenders[name]()
     times: Dict[str, List[float]] = {n: [] for n in names}
-    for rounds in range(reps):
-        order = names[rounds % len(names):] + names[: rounds % len(names)]
+    shuffler = random.Random(0)
+    for _ in range(reps):
+        order = shuffler.sample(names, len(names))
         for name in order:
             f = contenders[name]
             for call in range(burst):
@@ -189,13 +237,16 @@ def benchmark_layer(spec: dict, rank: int, threads: int, reps: int, use_onnx: bo
     dense_cl = layer.to_conv().eval().to(memory_format=torch.channels_last)
     stages = four_stage_sequential(layer)
     stages_cl = four_stage_sequential(layer).to(memory_format=torch.channels_last)
-    x_np = x.numpy()
+    # Each contender reads its own copy of the input (see interleaved_medians).
+    own = {name: (x_cl if name.endswith("_cl") else x).clone()
+           for name in ("dense", "dense_cl", "torch4", "torch4_cl", "fused", "ort4")}
+    x_np = own["ort4"].numpy()
     contenders: Dict[str, Callable[[], object]] = {
-        "dense": lambda: dense(x),
-        "dense_cl": lambda: dense_cl(x_cl),
-        "torch4": lambda: stages(x),
-        "torch4_cl": lambda: stages_cl(x_cl),
-        "fused": lambda: layer(x),
+        "dense": lambda: dense(own["dense"]),
+        "dense_cl": lambda: dense_cl(own["dense_cl"]),
+        "torch4": lambda: stages(own["torch4"]),
+        "torch4_cl": lambda: stages_cl(own["torch4_cl"]),
+        "fused": lambda: layer(own["fused"]),
     }
     ort_run = None
     if use_onnx:
@@ -235,25 +286,27 @@ def benchmark_alexnet(threads: int, reps: int, use_onnx: bool, ranks: Dict[str, 
             m.fused_threads = threads
     x = torch.randn(1, 3, 224, 224)
 
-    def torch_path(model):
+    def torch_path(model, inp):
         def call():
             with fused_disabled():
-                return model(x)
+                return model(inp)
         return call
 
+    # Each contender reads its own copy of the input (see interleaved_medians).
+    own = {name: x.clone() for name in ("dense", "dense_cl", "cp_torch", "cp_fused", "dense_ort", "cp_ort")}
     contenders = {
-        "dense": lambda: dense(x),
-        "dense_cl": lambda: dense(x.to(memory_format=torch.channels_last)),
-        "cp_torch": torch_path(compressed),
-        "cp_fused": lambda: compressed(x),
+        "dense": lambda: dense(own["dense"]),
+        "dense_cl": lambda: dense(own["dense_cl"].to(memory_format=torch.channels_last)),
+        "cp_torch": torch_path(compressed, own["cp_torch"]),
+        "cp_fused": lambda: compressed(own["cp_fused"]),
     }
     if use_onnx:
         dense_ort = onnxruntime_session(dense, x, threads)
         cp_ort = onnxruntime_session(compressed, x, threads)
-        contenders["dense_ort"] = lambda: dense_ort(x.numpy())
-        contenders["cp_ort"] = lambda: cp_ort(x.numpy())
+        contenders["dense_ort"] = lambda: dense_ort(own["dense_ort"].numpy())
+        contenders["cp_ort"] = lambda: cp_ort(own["cp_ort"].numpy())
     with torch.inference_mode():
-        err = _max_relative_error(compressed(x), torch_path(compressed)())
+        err = _max_relative_error(compressed(x), torch_path(compressed, x)())
         medians = interleaved_medians(contenders, reps)
     return dict(model="alexnet224", threads=threads, ranks=ranks, seconds=medians, fused_vs_torch_error=err)
 
@@ -321,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
     names = [c for c in CONTENDERS if use_onnx or c != "ort4"]
     for threads in threads_list:
         ceiling = [sgemm_gflops(threads)]
+        numpy_ceiling = [numpy_sgemm_gflops(threads)]
         print(f"\n## threads={threads}")
         print(f"{'layer':18s} {'R':>4s} " + " ".join(f"{n + ' ms':>12s}" for n in names)
               + f" {'fused GF/s':>10s} {'x ort4':>7s} {'x torch4':>8s} {'x ceil':>7s}")
@@ -335,15 +389,22 @@ def run(args: argparse.Namespace) -> int:
                 vs_ort = sec["ort4"] / sec["fused"] if use_onnx else float("nan")
                 print(f"{spec['name']:18s} {rank:4d} " + " ".join(f"{sec[n] * 1e3:12.3f}" for n in names)
                       + f" {row['gflops']['fused']:10.1f} {vs_ort:7.2f} {best_torch / sec['fused']:8.2f}"
-                      + f" {row['gflops']['fused'] / statistics.median(ceiling):7.2f}"
+                      + f" {row['gflops']['fused'] / max(statistics.median(ceiling), numpy_ceiling[0] or 0.0):7.2f}"
                       + f"  kernel {row['fused_kernel_cpu_gflops']:5.1f} GF/s CPU"
                       + "  stages 1/2+3/4: " + "/".join(f"{100 * s:.0f}%" for s in row["fused_stage_share"]), flush=True)
-        ceil = statistics.median(ceiling)
+        numpy_ceiling.append(numpy_sgemm_gflops(threads))
+        torch_ceil = statistics.median(ceiling)
+        numpy_samples = [c for c in numpy_ceiling if c is not None]
+        numpy_ceil = statistics.median(numpy_samples) if numpy_samples else None
+        ceil = max(torch_ceil, numpy_ceil or 0.0)
         results["ceiling_gflops"][threads] = ceil
+        results.setdefault("ceiling_sources", {})[threads] = {"torch_mm": torch_ceil, "numpy_matmul": numpy_ceil}
         for row in rows:
             row["fused_vs_ceiling"] = row["gflops"]["fused"] / ceil
         results["layers"] += rows
-        print(f"ceiling (2048^2 sgemm, {threads} thread(s)): {ceil:.1f} GFLOP/s (median of {len(ceiling)})")
+        numpy_text = f"{numpy_ceil:.1f} (median of {len(numpy_samples)})" if numpy_ceil else "unavailable"
+        print(f"ceiling (2048^2 sgemm, {threads} thread(s)): {ceil:.1f} GFLOP/s, the faster of torch.mm "
+              f"{torch_ceil:.1f} (median of {len(ceiling)}) and numpy matmul {numpy_text}")
         print("geomean over layers and ranks:")
         if use_onnx:
             print(f"  fused vs ONNX Runtime 4-stage: {_geomean([r['seconds']['ort4'] / r['seconds']['fused'] for r in rows]):.2f}x")
