@@ -8,7 +8,10 @@ def g(v): return math.exp(sum(map(math.log, v))/len(v))
 for T in sorted({r["threads"] for r in d["layers"]}):
     rows = [r for r in d["layers"] if r["threads"] == T]
     ceil = d["ceiling_gflops"][str(T)]
-    print(f"\n**{T} thread(s)** — ceiling (2048² sgemm) {ceil:.1f} GFLOP/s\n")
+    src = d.get("ceiling_sources", {}).get(str(T))
+    how = (f": the faster of torch.mm {src['torch_mm']:.1f} and numpy matmul "
+           + (f"{src['numpy_matmul']:.1f}" if src["numpy_matmul"] else "(unavailable)")) if src else ""
+    print(f"\n**{T} thread(s)** — ceiling (2048² sgemm) {ceil:.1f} GFLOP/s{how}\n")
     print("| layer | R | dense | dense CL | torch 4-stage | torch 4-stage CL | ORT 4-stage | fused | fused GFLOP/s | ORT GFLOP/s | fused / ORT | fused / best torch | fused / ceiling | kernel-only / ceiling | stage 1 / 2+3 / 4 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
