@@ -16,6 +16,10 @@ Times, as thread CPU time (immune to other processes on a shared machine), media
    input), or everything it touches except x and y (a call of the same shape on other arrays).
 4. The machine's read bandwidth after the same 16 MiB read (numpy sum over an array of the size of
    the layer's input + weights + output): the floor on moving that data once from memory.
+5. The Python side of a cold call, piece by piece, each after the 16 MiB read: a bare lambda, the
+   torch calls the eager path makes, ``nn.Module.__call__`` of a module whose forward is only
+   ``torch.from_numpy(extension(x.numpy()))`` (the least an eager torch-free layer can do), and
+   ``layer(x)``.
 """
 
 from __future__ import annotations
@@ -120,6 +124,35 @@ def main(argv) -> None:
     seconds = statistics.median(reads)
     print(f"reading {data_bytes >> 10} KiB (x + packed weights + y) after the 16 MiB read: {seconds * 1e6:.0f} us "
           f"= {data_bytes / seconds / 1e9:.1f} GB/s")
+
+    class Minimal(torch.nn.Module):
+        def forward(self, inp):
+            return torch.from_numpy(_core.fused.forward(inp.numpy(), packed, (1, 1), pad, (1, 1), 1))
+
+    minimal, U = Minimal(), layer.out_factor
+    y_array = _core.fused.forward(xn, packed, (1, 1), pad, (1, 1), 1)
+    pieces = {
+        "lambda: None": lambda: None,
+        "x.numpy()": lambda: x.numpy(),
+        "torch.from_numpy": lambda: torch.from_numpy(y_array),
+        "torch.empty": lambda: torch.empty(y_array.shape),
+        "torch.compiler.is_compiling()": torch.compiler.is_compiling,
+        "torch.jit.is_tracing()": torch.jit.is_tracing,
+        "4 x (_version, data_ptr())": lambda: (U._version, U.data_ptr(), U._version, U.data_ptr(), U._version,
+                                               U.data_ptr(), U._version, U.data_ptr()),
+        "extension call": lambda: _core.fused.forward(xn, packed, (1, 1), pad, (1, 1), 1),
+        "minimal module": lambda: minimal(x),
+        "layer(x)": lambda: layer(x),
+    }
+    times = {n: [] for n in pieces}
+    with torch.inference_mode():
+        for _ in range(ROUNDS):
+            for name, f in pieces.items():
+                junk.sum()
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+    print("cold Python pieces, wall time (us): " + ", ".join(f"{n} {median_us(t):.1f}" for n, t in times.items()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``cpconv bench``: latency of CP convolutions on this CPU, fused kernel vs its peers.
 
 For each layer of ``bench_layers.json`` (package data), rank and thread count it times, interleaved
-round-robin so that load changes hit every contender alike, the median latency of:
+in rounds (a shuffled order every round, each contender on its own copy of the input) so that load
+changes hit every contender alike, the median latency of:
 
 - ``dense``          ``nn.Conv2d`` with the reconstructed kernel, NCHW
 - ``dense_cl``       the same, channels_last input and weights
@@ -13,7 +14,7 @@ round-robin so that load changes hit every contender alike, the median latency o
                      path (torch tensor in and out; the whole per-call cost of ``layer(x)`` included)
 
 and the machine's ceiling: the GFLOP/s of a 2048 x 2048 single-precision matmul at the same thread
-count. GFLOP/s count 2 FLOPs per multiply-add of the CP stages (the dense rows: of the dense conv).
+count, the faster of ``torch.mm`` and numpy's (see :func:`numpy_sgemm_gflops`). GFLOP/s count 2 FLOPs per multiply-add of the CP stages (the dense rows: of the dense conv).
 With ``--model`` it also times a whole AlexNet at 224x224: dense vs conv2-conv5 compressed (fixed
 ranks), in PyTorch, ONNX Runtime and with the fused kernel.
 
