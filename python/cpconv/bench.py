@@ -14,7 +14,8 @@ changes hit every contender alike, the median latency of:
                      path (torch tensor in and out; the whole per-call cost of ``layer(x)`` included)
 
 and the machine's ceiling: the GFLOP/s of a 2048 x 2048 single-precision matmul at the same thread
-count, the faster of ``torch.mm`` and numpy's (see :func:`numpy_sgemm_gflops`). GFLOP/s count 2 FLOPs per multiply-add of the CP stages (the dense rows: of the dense conv).
+count, the faster of ``torch.mm`` and numpy's (see :func:`numpy_sgemm_gflops`). GFLOP/s count 2 FLOPs
+per multiply-add of the CP stages (the dense rows: of the dense conv).
 With ``--model`` it also times a whole AlexNet at 224x224: dense vs conv2-conv5 compressed (fixed
 ranks), in PyTorch, ONNX Runtime and with the fused kernel.
 
@@ -32,6 +33,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from importlib import resources
@@ -168,9 +171,6 @@ def numpy_sgemm_gflops(threads: int, size: int = 2048, reps: int = 9) -> Optiona
     ``OPENBLAS_CORETYPE=SkylakeX`` (OpenBLAS's AVX-512 kernels), and the machine's ceiling is the
     faster of this and :func:`sgemm_gflops`.
     """
-    import subprocess
-    import sys
-
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     isa = best_isa()
     if isa == "avx512":
