@@ -1,5 +1,6 @@
 """CPConv2d against independent references: nn.Conv2d / F.conv2d with a kernel rebuilt in the test."""
 
+import contextlib
 import io
 import math
 
@@ -289,8 +290,9 @@ def test_bad_forward_inputs():
         layer(torch.ones(1, 4, 8, 8, dtype=torch.int64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         layer([[1.0]])
-    with pytest.raises(RuntimeError):
-        layer(torch.randn(1, 4, 2, 2))  # smaller than the kernel: torch's own error, as nn.Conv2d
+    for mode in (contextlib.nullcontext, torch.no_grad):  # the torch path and the fused path alike
+        with mode(), pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            layer(torch.randn(1, 4, 2, 2))
 
 
 @pytest.mark.parametrize(
@@ -315,3 +317,18 @@ def test_from_factors_rejects_integer_factors_and_bad_weights():
         CPConv2d.from_factors([torch.ones(2, 2)] * 4, weights=torch.ones(3))
     with pytest.raises(ValueError, match="bias must have shape"):
         CPConv2d.from_factors([torch.ones(2, 2)] * 4, torch.ones(5))
+
+
+def test_integer_arguments_accept_index_types_but_not_bool():
+    import numpy as np
+
+    with pytest.raises(TypeError, match="rank must be an int"):
+        CPConv2d(4, 6, 3, rank=True)
+    layer = CPConv2d(np.int64(4), np.int64(6), 3, rank=np.int64(4), groups=np.int64(2))
+    assert (layer.in_channels, layer.out_channels, layer.rank, layer.groups) == (4, 6, 4, 2)
+    assert all(type(v) is int for v in (layer.in_channels, layer.out_channels, layer.rank, layer.groups))
+    factors = (torch.randn(6, 2), torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4))
+    built = CPConv2d.from_factors(factors, groups=np.int64(2))
+    assert built.groups == 2 and built.in_channels == 4
+    with pytest.raises(ValueError, match="groups must be an int"):
+        CPConv2d.from_factors(factors, groups=True)

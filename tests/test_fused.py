@@ -18,6 +18,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 
 import cpconv
 from cpconv import CPConv2d, cp_conv2d_fused, cp_conv2d_reference
@@ -419,6 +421,139 @@ def test_eager_fast_path_outputs_copies_and_inputs():
     loaded = torch.load(buffer, weights_only=False)
     with torch.no_grad():
         assert relative_error(loaded(x), expected) <= TOLERANCE
+
+
+def dense_reference(layer: CPConv2d, x: torch.Tensor) -> torch.Tensor:
+    """nn.Conv2d with the layer's current reconstructed kernel (independent of any packed weights)."""
+    with torch.no_grad(), fused.fused_disabled():
+        return layer.to_conv()(x)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.05, foreach=True),
+])
+def test_packed_weights_refresh_after_training_steps(make_optimizer):
+    # Optimizers with fused=True update parameters without bumping their version counters: the
+    # training forward itself must make the next fused call repack (the layer's own plan and the
+    # shared cache of cp_conv2d_fused / the custom op).
+    layer = make_layer()
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        layer(x)
+        cp_conv2d_fused(x, layer.factors, layer.bias, padding=1)  # an entry in the shared cache
+    optimizer = make_optimizer(layer.parameters())
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+        with torch.no_grad():
+            expected = dense_reference(layer, x)
+            assert relative_error(layer(x), expected) <= TOLERANCE
+            assert relative_error(cp_conv2d_fused(x, layer.factors, layer.bias, padding=1), expected) <= TOLERANCE
+
+
+def test_data_changes_need_a_cache_clear_or_a_mode_switch():
+    layer = make_layer().eval()
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        layer(x)
+        layer.out_factor.data.mul_(2.0)  # not recorded by torch: documented remedies below
+        fused.clear_packed_weights_cache()
+        assert relative_error(layer(x), dense_reference(layer, x)) <= TOLERANCE
+        layer.in_factor.data.mul_(-1.5)
+        layer.eval()
+        assert relative_error(layer(x), dense_reference(layer, x)) <= TOLERANCE
+
+
+def test_pruned_and_parametrized_factors():
+    x = torch.randn(2, 6, 7, 7)
+    pruned = make_layer()
+    torch.nn.utils.prune.l1_unstructured(pruned, "out_factor", amount=0.5)
+    doubled = make_layer()
+
+    class Double(torch.nn.Module):
+        def forward(self, t):
+            return 2.0 * t
+
+    torch.nn.utils.parametrize.register_parametrization(doubled, "in_factor", Double())
+    for layer in (pruned, doubled):
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for _ in range(2):
+            with torch.no_grad():
+                got = layer(x)  # the fused path (pruning's forward pre-hook recomputes out_factor)
+                expected = dense_reference(layer, x)  # the factors as that forward saw them
+                assert relative_error(got, expected) <= TOLERANCE
+            with fused.fused_disabled():
+                assert relative_error(layer(x).detach(), expected) <= TOLERANCE  # the torch path
+            optimizer.zero_grad()
+            layer(x).square().mean().backward()  # gradients reach the underlying parameters
+            optimizer.step()
+
+
+# make_dual loads torch's jvp decompositions, which use torch.jit.script (torch's own deprecation).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_vmap_forward_ad_and_autocast_take_the_torch_path():
+    layer = make_layer().eval()
+    conv = layer.to_conv().eval()
+    x = torch.randn(3, 6, 7, 7)
+    with torch.no_grad():
+        layer(x)  # packed: the fast path is armed
+        out = torch.vmap(layer)(x.unsqueeze(1))  # each sample is a (1, C, H, W) batch
+        assert relative_error(out.squeeze(1), conv(x)) <= TOLERANCE
+    tangent = torch.randn_like(x)
+    for grad_mode in (torch.enable_grad, torch.no_grad):
+        with grad_mode(), torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, tangent)
+            got = torch.autograd.forward_ad.unpack_dual(layer(dual))
+            want = torch.autograd.forward_ad.unpack_dual(conv(dual))
+            assert got.tangent is not None
+            assert relative_error(got.tangent.detach(), want.tangent.detach()) <= TOLERANCE
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == conv(x).dtype == torch.bfloat16
+
+
+def test_geometry_can_be_changed_after_construction():
+    layer = make_layer().eval()
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        layer(x)
+        layer.padding = (0, 2)
+        layer.stride = 2
+        layer.dilation = (1, 2)
+        conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=(0, 2), dilation=(1, 2))
+        conv.weight.copy_(layer.dense_weight())
+        conv.bias.copy_(layer.bias)
+        assert layer(x).shape == conv(x).shape
+        assert relative_error(layer(x), conv(x)) <= TOLERANCE
+        layer.padding, layer.padding_mode = 1, "reflect"
+        # A new reference: nn.Conv2d keeps the amount of non-zero padding it computed when built.
+        conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, dilation=(1, 2), padding_mode="reflect")
+        conv.weight.copy_(layer.dense_weight())
+        conv.bias.copy_(layer.bias)
+        assert relative_error(layer(x), conv(x)) <= TOLERANCE
+    assert layer.stride == (2, 2) and layer.padding == (1, 1) and "padding_mode='reflect'" in repr(layer)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        layer.stride = 0
+    with pytest.raises(ValueError, match="padding_mode"):
+        layer.padding_mode = "mirror"
+    with pytest.raises(ValueError, match="not supported for strided"):
+        layer.padding = "same"  # with stride 2, as nn.Conv2d
+    assert layer.stride == (2, 2) and layer.padding == (1, 1)  # unchanged after the errors
+
+
+def test_oversized_geometry_raises_instead_of_crashing():
+    x = torch.randn(1, 4, 7, 7)
+    for value in (2**62, 2**40):
+        layer = CPConv2d(4, 4, 3, rank=4, dilation=value, padding=value)
+        with torch.no_grad(), pytest.raises(ValueError, match="too large"):
+            layer(x)
+        with pytest.raises(ValueError, match="too large"):
+            cp_conv2d_fused(x, layer.factors, layer.bias, dilation=value, padding=value)
+    layer = CPConv2d(4, 4, 3, rank=4, padding=2**30)
+    with torch.no_grad(), pytest.raises(ValueError, match="2\\^50"):
+        layer(x)  # fits int32 per value, but the output would be astronomically large
 
 
 # Importing inductor triggers torch's own deprecation of torch.jit.script_method (not ours).

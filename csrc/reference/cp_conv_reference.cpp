@@ -1,5 +1,6 @@
 #include "reference/cp_conv_reference.h"
 
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -9,6 +10,27 @@ namespace cpconv {
 namespace {
 void require(bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument(what);
+}
+
+// Every size and geometry value is at most this (int32's range, like torch's CPU convolutions), so
+// the kernels' index arithmetic, done in int64, cannot overflow.
+constexpr int64_t kMaxValue = (int64_t(1) << 31) - 1;
+// Element counts of the input, output and intermediates must stay below this.
+constexpr int64_t kMaxElements = int64_t(1) << 50;
+
+void require_at_most(int64_t value, const char* name) {
+    require(value <= kMaxValue, std::string(name) + "=" + std::to_string(value) + " is too large (at most " +
+                                    std::to_string(kMaxValue) + ")");
+}
+
+// a * b * c ... with every factor >= 0, or -1 when the product exceeds kMaxElements.
+int64_t bounded_product(std::initializer_list<int64_t> factors) {
+    int64_t product = 1;
+    for (int64_t f : factors) {
+        if (f != 0 && product > kMaxElements / f) return -1;
+        product *= f;
+    }
+    return product;
 }
 }  // namespace
 
@@ -34,9 +56,31 @@ void validate_cp_conv_shape(const CPConvShape& s) {
     require(s.dilation_h >= 1 && s.dilation_w >= 1, "dilations must be >= 1");
     require(s.pad_h >= 0 && s.pad_w >= 0, "paddings must be >= 0");
     require(s.height >= 1 && s.width >= 1, "input height and width must be >= 1");
+    require_at_most(s.batch, "batch");
+    require_at_most(s.in_channels, "in_channels");
+    require_at_most(s.out_channels, "out_channels");
+    require_at_most(s.rank, "rank");
+    require_at_most(s.height, "height");
+    require_at_most(s.width, "width");
+    require_at_most(s.kernel_h, "kernel_h");
+    require_at_most(s.kernel_w, "kernel_w");
+    require_at_most(s.stride_h, "stride_h");
+    require_at_most(s.stride_w, "stride_w");
+    require_at_most(s.pad_h, "pad_h");
+    require_at_most(s.pad_w, "pad_w");
+    require_at_most(s.dilation_h, "dilation_h");
+    require_at_most(s.dilation_w, "dilation_w");
     require(s.out_height() >= 1 && s.out_width() >= 1,
             "the (padded) input " + std::to_string(s.height) + "x" + std::to_string(s.width) +
                 " is smaller than the dilated kernel");
+    // The largest buffers: input, output, and the R-channel intermediates over the padded input.
+    const int64_t padded_h = s.height + 2 * s.pad_h, padded_w = s.width + 2 * s.pad_w;
+    require(bounded_product({s.batch, s.in_channels, s.height, s.width}) >= 0 &&
+                bounded_product({s.batch, s.out_channels, s.out_height(), s.out_width()}) >= 0 &&
+                bounded_product({s.rank, padded_h, padded_w}) >= 0,
+            "the input, the output or the rank-" + std::to_string(s.rank) + " intermediates of a " +
+                std::to_string(s.height) + "x" + std::to_string(s.width) + " input padded by (" +
+                std::to_string(s.pad_h) + ", " + std::to_string(s.pad_w) + ") would hold more than 2^50 values");
 }
 
 void cp_conv2d_reference(const CPConvShape& s, const float* x, const float* in_factor,

@@ -64,11 +64,15 @@ class ConvGeometry:
         groups: int = 1,
         padding_mode: str = "zeros",
     ) -> "ConvGeometry":
+        counts = []
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not hasattr(value, "__index__"):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+            value = operator.index(value)  # numpy and torch integer scalars too
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+            counts.append(value)
+        in_channels, out_channels, groups = counts
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels={in_channels} and out_channels={out_channels} must both be divisible by groups={groups}"

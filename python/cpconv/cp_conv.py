@@ -29,6 +29,7 @@ import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,10 +39,20 @@ from . import _core, fused
 __all__ = ["CPConv2d"]
 
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+_FACTOR_NAMES = ("out_factor", "in_factor", "vert_factor", "horz_factor")
+# torch.autograd.forward_ad keeps the innermost dual level in a module global (-1: none).
+_HAS_FORWARD_AD_LEVEL = hasattr(_forward_ad, "_current_level")
+
+
+def _forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level is open (tangents must flow: the fused kernel drops them)."""
+    return _HAS_FORWARD_AD_LEVEL and _forward_ad._current_level >= 0
 
 
 def _check_rank(rank, groups: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, bool):
+        raise TypeError(f"rank must be an int, got {rank!r}")
+    if not isinstance(rank, int):
         try:
             rank = operator.index(rank)
         except TypeError:
@@ -51,6 +62,14 @@ def _check_rank(rank, groups: int) -> int:
     if rank % groups:
         raise ValueError(f"rank={rank} must be divisible by groups={groups} (the rank is split evenly over the groups)")
     return int(rank)
+
+
+def _parameter_state(U, S, Y, X, bias) -> tuple:
+    """What identifies the factors' current values for the packed-weights check: the generation of
+    :func:`cpconv.fused.clear_packed_weights_cache`, versions (bumped by in-place changes) and
+    storage pointers (a swapped ``.data``). Raises RuntimeError for inference-mode tensors."""
+    return (fused._generation, U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(),
+            Y.data_ptr(), X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
 
 
 class CPConv2d(nn.Module):
@@ -76,9 +95,11 @@ class CPConv2d(nn.Module):
     use_fused: bool = True
     #: Threads for the fused kernel; 0 means ``torch.get_num_threads()`` at call time.
     fused_threads: int = 0
-    # The eager fused path's packed weights: (parameter state, packed weights, (pad_h, pad_w) or None
-    # when the input is pre-padded). An instance attribute once set (never pickled or copied deeply:
-    # see __getstate__); checked against the parameters' versions and pointers on every call.
+    # The eager fused path's packed weights: (the parameters (U, S, Y, X, bias), their state, packed
+    # weights, (pad_h, pad_w) or None when the input is pre-padded, stride, dilation). An instance
+    # attribute once set (never pickled or copied deeply: see __getstate__); checked against the
+    # parameters' identity, versions and pointers on every call, dropped by a training forward,
+    # train()/eval() and geometry changes (see _drop_packed_weights).
     _fused_plan: Optional[tuple] = None
 
     def __init__(
@@ -104,12 +125,8 @@ class CPConv2d(nn.Module):
         self.in_channels = geometry.in_channels
         self.out_channels = geometry.out_channels
         self.kernel_size = geometry.kernel_size
-        self.stride = geometry.stride
-        self.padding = geometry.padding
-        self.dilation = geometry.dilation
         self.groups = geometry.groups
-        self.padding_mode = geometry.padding_mode
-        self._geometry = geometry
+        self._geometry = geometry  # stride, padding, dilation, padding_mode: properties over it
         # Filled by ``from_conv`` (rank selection details, CP error); ``None`` for a layer built by hand.
         self.decomposition_info: Optional[dict] = None
 
@@ -125,6 +142,49 @@ class CPConv2d(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    # ------------------------------------------------------------------ geometry
+    # stride, padding, dilation and padding_mode can be changed after construction, as on nn.Conv2d;
+    # a new value is validated (same errors as the constructor) and takes effect on the next call.
+    def _set_geometry(self, **change) -> None:
+        g = self._geometry
+        args = dict(stride=g.stride, padding=g.padding, dilation=g.dilation, padding_mode=g.padding_mode)
+        args.update(change)
+        self._geometry = ConvGeometry.create(self.in_channels, self.out_channels, self.kernel_size,
+                                             groups=self.groups, **args)
+        self._drop_packed_weights()
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._geometry.stride
+
+    @stride.setter
+    def stride(self, value: IntOrPair) -> None:
+        self._set_geometry(stride=value)
+
+    @property
+    def padding(self) -> Union[str, Tuple[int, int]]:
+        return self._geometry.padding
+
+    @padding.setter
+    def padding(self, value: Union[str, IntOrPair]) -> None:
+        self._set_geometry(padding=value)
+
+    @property
+    def dilation(self) -> Tuple[int, int]:
+        return self._geometry.dilation
+
+    @dilation.setter
+    def dilation(self, value: IntOrPair) -> None:
+        self._set_geometry(dilation=value)
+
+    @property
+    def padding_mode(self) -> str:
+        return self._geometry.padding_mode
+
+    @padding_mode.setter
+    def padding_mode(self, value: str) -> None:
+        self._set_geometry(padding_mode=value)
 
     # ------------------------------------------------------------------ construction
     def reset_parameters(self) -> None:
@@ -176,8 +236,9 @@ class CPConv2d(nn.Module):
                 raise ValueError(f"factor {name} must be a matrix, got shape {tuple(f.shape)}")
             if not f.is_floating_point():
                 raise TypeError(f"factor {name} must be floating point, got {f.dtype}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        if isinstance(groups, bool) or not hasattr(groups, "__index__") or operator.index(groups) < 1:
             raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        groups = operator.index(groups)
         rank = S.shape[1]
         if Y.shape[1] != rank or X.shape[1] != rank:
             raise ValueError(
@@ -294,6 +355,8 @@ class CPConv2d(nn.Module):
             )
         if not x.is_floating_point() and not x.is_complex():
             raise TypeError(f"CPConv2d expects a floating-point input, got {x.dtype}")
+        if not torch.compiler.is_compiling():  # (would specialise symbolic sizes under torch.compile)
+            self._geometry.output_size(tuple(x.shape[-2:]))  # raises when the kernel does not fit
 
     def _stage_padding(self) -> Tuple[Optional[Tuple[int, int, int, int]], Tuple[int, int]]:
         """(explicit pre-padding for F.pad or None, symmetric zero padding for the depthwise stages)."""
@@ -327,16 +390,31 @@ class CPConv2d(nn.Module):
             return False
         if x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0:  # an empty batch: torch's path
             return False
-        params = self._parameters  # direct access: this runs on every call
+        # CPU autocast (torch's convs then run in its dtype), forward-mode AD (tangents) and functorch
+        # transforms (vmap, grad, ...: wrapped tensors) need torch's ops.
+        if (torch.is_autocast_enabled("cpu") or _forward_ad_active()
+                or torch._C._are_functorch_transforms_active()):
+            return False
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        for name in ("out_factor", "in_factor", "vert_factor", "horz_factor", "bias"):
-            p = params[name]
+        for name in _FACTOR_NAMES + ("bias",):
+            p = getattr(self, name)  # parametrized or pruned factors are computed tensors
             if p is None:
                 continue
             if p.dtype != torch.float32 or not p.is_cpu:
                 return False
             need_grad = need_grad or (p.requires_grad and torch.is_grad_enabled())
         return not need_grad
+
+    def _drop_packed_weights(self) -> None:
+        """Forget this layer's packed weights (its own and the shared cache's): the next fused call repacks.
+
+        Called by a forward that needs gradients (a training step follows, and optimizers with
+        ``fused=True`` update parameters without bumping their version counters), by ``train()`` /
+        ``eval()`` and when the geometry changes.
+        """
+        self.__dict__["_fused_plan"] = None
+        params = self._parameters
+        fused._PACKED_CACHE.discard(tuple(params.get(name) for name in _FACTOR_NAMES + ("bias",)))
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """The fused kernel; other padding modes and asymmetric padding are applied first by F.pad.
@@ -348,25 +426,27 @@ class CPConv2d(nn.Module):
         pre_pad, (ph, pw) = self._stage_padding()
         if pre_pad is not None:
             x = F.pad(x, pre_pad, mode=_PAD_MODE[self.padding_mode])
-        params = self._parameters
-        U, S, Y, X, bias = (params["out_factor"], params["in_factor"], params["vert_factor"],
-                            params["horz_factor"], params["bias"])
+        U, S, Y, X, bias = (getattr(self, name) for name in _FACTOR_NAMES + ("bias",))
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             return torch.ops.cpconv.cp_conv2d(
                 x, S, Y, X, U, bias, list(self.stride), [ph, pw], list(self.dilation), self.groups,
                 self.fused_threads, "auto",
             )
         # Eager: packed weights cached per layer and weight version (in-place updates bump _version,
-        # a swapped .data changes the pointer).
-        try:
-            state = (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(), Y.data_ptr(),
-                     X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
-        except RuntimeError:  # inference-mode parameters have no version counter: pack every call
-            state = None
+        # a swapped .data changes the pointer), for factors that are this layer's own parameters
+        # (parametrized or pruned ones are recomputed every call, so they are packed every call).
+        params = self._parameters
+        tensors = (U, S, Y, X, bias)
+        state = None
+        if all(params.get(name) is t for name, t in zip(_FACTOR_NAMES + ("bias",), tensors)):
+            try:
+                state = _parameter_state(U, S, Y, X, bias)
+            except RuntimeError:  # inference-mode parameters have no version counter: pack every call
+                state = None
         plan = self._fused_plan
-        if plan is None or state is None or plan[0] != state:
-            plan = (state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups),
-                    (ph, pw) if pre_pad is None else None)
+        if plan is None or state is None or plan[1] != state:
+            plan = (tensors, state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups),
+                    (ph, pw) if pre_pad is None else None, self.stride, self.dilation)
             self.__dict__["_fused_plan"] = plan if state is not None else None
         b, c, h, w = x.shape
         (sh, sw), (dh, dw) = self.stride, self.dilation
@@ -378,35 +458,37 @@ class CPConv2d(nn.Module):
         # The output is a new array made by the extension (cheaper per call than torch.empty +
         # .numpy()); torch.from_numpy shares its memory.
         return torch.from_numpy(_core.fused.forward(
-            x.detach().numpy(), plan[1], self.stride, (ph, pw), self.dilation,
+            x.detach().numpy(), plan[2], self.stride, (ph, pw), self.dilation,
             self.fused_threads or torch.get_num_threads()))
 
     def _forward_planned(self, x: torch.Tensor, plan: tuple) -> Optional[torch.Tensor]:
         """The eager fused call for a layer whose weights are packed; None when it does not apply.
 
         The common inference call, kept to the few checks that can change between calls without
-        changing the parameters' versions (the input, grad mode, the switches): in a network this
-        Python runs with cold caches, so every torch call here costs (tens of microseconds cold).
-        The input's device, dtype, rank, channels and size are checked by ``x.numpy()`` and the
-        extension; on a mismatch this returns None and :meth:`forward` takes the general path, which
-        handles or reports it.
+        changing the parameters (the input, grad mode, autocast, forward AD, the switches): in a
+        network this Python runs with cold caches, so every torch call here costs (microseconds
+        cold). The input's device, dtype, rank, channels and size are checked by ``x.numpy()`` and
+        the extension (``x.numpy()`` also fails on functorch's wrapped tensors); on a mismatch this
+        returns None and :meth:`forward` takes the general path, which handles or reports it.
         """
-        if plan[2] is None or not (self.use_fused and fused.fused_enabled()):
+        if (plan[3] is None or not (self.use_fused and fused.fused_enabled()) or torch.is_autocast_enabled("cpu")
+                or (_HAS_FORWARD_AD_LEVEL and _forward_ad._current_level >= 0)):  # _forward_ad_active(), inlined
             return None
         params = self._parameters
-        U, S, Y, X, bias = (params["out_factor"], params["in_factor"], params["vert_factor"],
-                            params["horz_factor"], params["bias"])
+        U, S, Y, X, bias = plan[0]
+        if (params.get("out_factor") is not U or params.get("in_factor") is not S or params.get("vert_factor") is not Y
+                or params.get("horz_factor") is not X or params.get("bias") is not bias):
+            return None
         if torch.is_grad_enabled() and (x.requires_grad or U.requires_grad or S.requires_grad or Y.requires_grad
                                         or X.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         try:
-            if plan[0] != (U._version, S._version, Y._version, X._version, U.data_ptr(), S.data_ptr(),
-                           Y.data_ptr(), X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr())):
+            if plan[1] != _parameter_state(U, S, Y, X, bias):
                 return None
             # x.numpy() fails off the CPU (TypeError) and on dtypes numpy lacks; the extension rejects
             # any dtype but float32 (TypeError) and any shape the packed weights do not fit (ValueError).
-            y = _core.fused.forward((x.detach() if x.requires_grad else x).numpy(), plan[1], self.stride, plan[2],
-                                    self.dilation, self.fused_threads or torch.get_num_threads())
+            y = _core.fused.forward((x.detach() if x.requires_grad else x).numpy(), plan[2], plan[4], plan[3],
+                                    plan[5], self.fused_threads or torch.get_num_threads())
         except (RuntimeError, TypeError, ValueError):
             return None
         return torch.from_numpy(y)
@@ -416,9 +498,14 @@ class CPConv2d(nn.Module):
 
         On CPU float32 when no gradient is needed (``torch.no_grad()``/``inference_mode()``, or no
         parameter and no input requiring grad) this runs the fused kernel; otherwise the four torch
-        stages (:meth:`_forward_stages`). ``layer.use_fused = False`` or
-        :func:`cpconv.fused.fused_disabled` force the torch path; ``layer.fused_threads`` (0 = torch's
-        thread count) sets the fused kernel's threads.
+        stages (:meth:`_forward_stages`), as also under CPU autocast, forward-mode AD and functorch
+        transforms. ``layer.use_fused = False`` or :func:`cpconv.fused.fused_disabled` force the
+        torch path; ``layer.fused_threads`` (0 = torch's thread count) sets the fused kernel's threads.
+
+        The fused kernel runs on weights packed once per weight version. A forward that needs
+        gradients, ``train()``/``eval()`` and in-place changes to the factors (optimizer steps,
+        ``load_state_dict``) make the next call repack; after changing a factor in place through
+        ``.data`` (which torch does not record) call :func:`cpconv.fused.clear_packed_weights_cache`.
         """
         plan = self._fused_plan
         if (plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling()
@@ -434,7 +521,17 @@ class CPConv2d(nn.Module):
             y = self._forward_fused(x)
         else:
             y = self._forward_stages(x)
+            if y.requires_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+                # A training step may follow, and optimizers with fused=True update the factors
+                # without bumping their version counters: repack on the next fused call.
+                self._drop_packed_weights()
         return y.squeeze(0) if unbatched else y
+
+    def train(self, mode: bool = True) -> "CPConv2d":
+        """As :meth:`torch.nn.Module.train`; also makes the next fused call repack the weights."""
+        result = super().train(mode)
+        self._drop_packed_weights()
+        return result
 
     def __getstate__(self) -> dict:
         # The packed weights are a cache (and not picklable): pickles and deep copies repack on use.

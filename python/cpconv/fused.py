@@ -192,6 +192,15 @@ class _PackedWeightsCache:
                     self._entries.popitem(last=False)
         return packed
 
+    def discard(self, tensors: tuple) -> None:
+        """Drop the entries made for these exact tensors (U, S, Y, X, bias), for any groups."""
+        if not self._entries:
+            return
+        ids = tuple(map(id, tensors))
+        with self._lock:
+            for key in [k for k in self._entries if k[:5] == ids]:
+                del self._entries[key]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -214,8 +223,24 @@ def packed_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor]
     return _PACKED_CACHE.get((U, S, Y, X, bias), groups)
 
 
+# Bumped by clear_packed_weights_cache: CPConv2d layers compare it with the generation their own
+# packed weights were made in.
+_generation = 0
+
+
 def clear_packed_weights_cache() -> None:
-    """Drop every cached packed-weights object."""
+    """Drop every packed-weights object: the cache's, and every :class:`cpconv.CPConv2d`'s own (each
+    repacks on its next fused call).
+
+    Needed only after a factor changed in a way torch does not record in its version counter: an
+    in-place change through ``.data`` (e.g. ``layer.out_factor.data.mul_(2)``). In-place ops,
+    optimizer steps (a layer also repacks after any forward that needed gradients, which covers the
+    optimizers with ``fused=True`` that do not bump version counters), ``load_state_dict``,
+    ``train()``/``eval()`` and swapped parameters are seen without it.
+    """
+    global _generation
+    with _PACKED_CACHE._lock:
+        _generation += 1
     _PACKED_CACHE.clear()
 
 
