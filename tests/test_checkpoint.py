@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 import cpconv
 from cpconv import CheckpointError, CompressionReport, compress
@@ -228,3 +229,50 @@ def test_crash_inside_a_checkpoint_write_resumes_from_the_previous_one(tmp_path,
     for (ka, va), (kb, vb) in zip(reference.state_dict().items(), model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     assert sorted(os.listdir(folder)) == ["manifest.json", "model-0004.pt", "report-0004.json", "rng-0004.json"]
+
+
+def test_resume_without_a_seed_equals_an_uninterrupted_run(tmp_path):
+    """seed=None draws CP-ALS seeds from torch's global RNG, whose state the checkpoint restores."""
+    model_fn = lambda: nn.Sequential(*list(build_model())[:6])  # noqa: E731  three convs are enough
+
+    def crashing(m, step):
+        if step == 1:
+            raise RuntimeError("killed")
+
+    def fine_tune(m, step):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape))
+
+    torch.manual_seed(0)
+    straight = model_fn()
+    report = compress(straight, fine_tune=fine_tune, progress=False, max_iter=20)
+    assert max(report.ranks.values()) > 3  # above kh = kw: random initial columns, so the seed matters
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="killed"):
+        compress(model_fn(), fine_tune=lambda m, s: (fine_tune(m, s), crashing(m, s)),
+                 checkpoint_dir=tmp_path, progress=False, max_iter=20)
+    torch.manual_seed(123)  # the resumed run must not depend on the RNG state it starts with
+    resumed = model_fn()
+    compress(resumed, fine_tune=fine_tune, checkpoint_dir=tmp_path, progress=False, max_iter=20)
+    for (ka, va), (kb, vb) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_resume_keeps_shared_and_frozen_layers(tmp_path):
+    torch.manual_seed(0)
+    model = build_model()
+    model[2].requires_grad_(False)
+    model.tied = model[4]  # the same conv under a second name
+    compress(model, layers=["0", "2", "4"], checkpoint_dir=tmp_path, progress=False, seed=0, max_iter=10)
+    torch.manual_seed(0)
+    again = build_model()
+    again[2].requires_grad_(False)
+    again.tied = again[4]
+    report = compress(again, layers=["0", "2", "4"], checkpoint_dir=tmp_path, progress=False, seed=0,
+                      max_iter=10)  # everything done: restored only
+    assert report.finished and again.tied is again[4] and isinstance(again[4], cpconv.CPConv2d)
+    assert not any(p.requires_grad for p in again[2].parameters())
+    assert all(p.requires_grad for p in again[0].parameters())
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

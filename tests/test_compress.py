@@ -10,6 +10,7 @@ from torch import nn
 
 from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune
 from cpconv.compress import trace_convs
+from cpconv.rank_selection import RatioNotMetWarning
 from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
 from cpconv.demo.digits import load_digits, stratified_split
 
@@ -237,3 +238,78 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="weakening must be a number in \\[0, 1\\]"):
         compress(model, weakening=1.5, evaluate=never.append, progress=False)
     assert never == []  # refused before any work
+
+
+# ---------------------------------------------------------------------- shared, frozen, up-front checks
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = planted_conv(8, 8, 3, 2, torch.Generator().manual_seed(0))
+        self.b = self.a  # one conv used twice (weight tying)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("layers", [None, ["a"], ["b"]])
+def test_shared_conv_is_compressed_once_and_stays_shared(layers):
+    model = _Tied()
+    dense_params = sum(p.numel() for p in model.parameters())
+    report = compress(model, layers=layers, progress=False, seed=0, max_iter=10)
+    assert model.a is model.b and isinstance(model.a, CPConv2d)
+    assert len(report.layers) == 1 and "shared module" in report.layers[0].reason
+    after = sum(p.numel() for p in model.parameters())
+    assert report.model_params_before == dense_params and report.model_params_after == after
+    assert report.layers[0].params_after == after  # the one CP layer, counted once
+    assert model(torch.randn(1, 8, 6, 6)).shape == (1, 8, 6, 6)
+
+
+def test_shared_conv_listed_under_two_names_is_refused():
+    model = _Tied()
+    with pytest.raises(ValueError, match="'a' and 'b' are the same \\(shared\\) module"):
+        compress(model, layers=["a", "b"], progress=False)
+    assert isinstance(model.a, nn.Conv2d) and model.a is model.b
+
+
+def test_invalid_rank_for_a_later_layer_fails_before_anything_is_touched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 3), nn.Conv2d(32, 8, 1))  # last: max rank 8
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+    for kwargs, match in [
+        ({"rank": 12}, "layer '2': rank 12 exceeds the limit 8 for a kernel of shape \\(8, 32, 1, 1\\)"),
+        ({"rank": 12, "schedule": "static"}, "layer '2': rank 12 exceeds the limit 8"),
+        ({"max_rank": 6, "multiple_of": 8}, "layer '0': no rank that is a multiple of 8"),
+        ({"tol": -1.0}, "tol must be a finite number >= 0, got -1.0"),
+        ({"rank": "svd"}, "method must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            compress(model, progress=False, fine_tune=lambda m, s: calls.append(s),
+                     evaluate=lambda m: calls.append("evaluate") or 0.0, **kwargs)
+    with pytest.raises(TypeError, match="needs the option prior"):
+        compress(model, rank="vbmf", progress=False, evaluate=lambda m: calls.append("evaluate") or 0.0)
+    assert calls == [] and all(type(m) is nn.Conv2d for m in model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_frozen_conv_stays_frozen_through_compress_and_fine_tuning():
+    model = build_model()
+    model[2].requires_grad_(False)
+    frozen_before = {}
+
+    def fine_tune(m, step):
+        frozen_before[step] = [p.detach().clone() for p in m[2].parameters()]
+        finetune(m, [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,)))] * 2, lr=0.1)
+
+    compress(model, layers=["0", "2"], fine_tune=fine_tune, progress=False, seed=0, max_iter=10)
+    assert isinstance(model[2], CPConv2d) and not any(p.requires_grad for p in model[2].parameters())
+    assert all(p.requires_grad for p in model[0].parameters())
+    # The last fine-tuning (after layer 2 was replaced) left its frozen factors alone.
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before[1], model[2].parameters()))
+
+
+def test_uniform_ratio_that_a_layer_cannot_meet_warns_with_its_name():
+    model = build_model()
+    with pytest.warns(RatioNotMetWarning, match="layer '0'.*ratio 50 is not met.*rank 1 gives only 17.3x"):
+        report = compress(model, schedule="uniform", ratio=50.0, progress=False, seed=0, max_iter=5)
+    assert report.ranks["0"] == 1

@@ -266,6 +266,38 @@ def test_result_does_not_depend_on_the_tensor_scale(scale, dtype):
     np.testing.assert_allclose(scaled.weights / scale, base.weights, rtol=10 * rtol)
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-170, 1e-150, 1e150, 1e160, 1e300])
+def test_extreme_scales_float64(scale):
+    # Squares of such entries under/overflow: without normalising, 1e-170 * x looked all-zero (zero
+    # weights, rel_error 0) and 1e160 * x made the SVD init's eigh fail.
+    x, _ = planted((6, 5, 3, 3), 3, noise=0.05, dtype=np.float64, seed=8)
+    base = cp_als(x, 3, seed=0, max_iter=20, tol=0.0)
+    scaled = cp_als(scale * x, 3, seed=0, max_iter=20, tol=0.0)
+    assert scaled.rel_error == pytest.approx(base.rel_error, rel=1e-6)
+    np.testing.assert_allclose(scaled.weights / scale, base.weights, rtol=1e-6)
+    assert scaled.component_norm_ratio == pytest.approx(base.component_norm_ratio, rel=1e-6)
+
+
+def test_max_iter_zero_keeps_the_initial_weights_at_any_scale():
+    x, _ = planted((6, 5, 3), 2, noise=0.05, dtype=np.float64, seed=3)
+    factors = [np.full((d, 2), 3.0) for d in x.shape]
+    for scale in (1e-100, 1.0, 1e100):
+        result = cp_als(scale * x, 2, init=factors, max_iter=0)
+        np.testing.assert_allclose(result.weights, np.full(2, 27.0 * np.sqrt(6 * 5 * 3)), rtol=1e-12)
+        expected = np.linalg.norm(scale * x - dense_from_factors(result.weights, result.factors)) / np.linalg.norm(scale * x)
+        assert result.rel_error == pytest.approx(expected, rel=1e-9)
+
+
+def test_seed_none_is_drawn_from_torchs_global_rng():
+    x, _ = planted((10, 6, 3, 3), 4, noise=0.05, dtype=np.float64, seed=9)
+    torch.manual_seed(5)
+    a = cp_als(x, 4, init="random", max_iter=3)
+    torch.manual_seed(5)
+    b = cp_als(x, 4, init="random", max_iter=3)
+    assert a.seed == b.seed
+    np.testing.assert_array_equal(a.factors[0], b.factors[0])
+
+
 def test_tolerance_stops_early_and_reports_convergence():
     x, _ = planted((10, 8, 6), 3, noise=1e-2, dtype=np.float64, seed=5)
     loose = cp_als(x, 3, seed=0, max_iter=500, tol=1e-3)

@@ -48,6 +48,38 @@ def test_finetune_budget_and_errors():
         accuracy(model, [])
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": float("inf")}, r"lr must be a finite number > 0, got inf"),
+    ({"lr": float("nan")}, "lr"),
+    ({"lr": -0.1}, "lr"),
+    ({"momentum": float("inf")}, r"momentum must be a number in \[0, 1\), got inf"),
+    ({"momentum": -0.5}, "momentum"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": float("nan")}, r"weight_decay must be a finite number >= 0, got nan"),
+    ({"weight_decay": -1e-4}, "weight_decay"),
+])
+def test_finetune_rejects_bad_hyperparameters_before_touching_the_model(kwargs, match):
+    model = nn.Linear(6, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(4, 6), torch.randint(0, 2, (4,)))] * 3
+    with pytest.raises(ValueError, match=match):
+        finetune(model, data, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finetune_one_shot_iterator_needs_one_epoch():
+    model = nn.Linear(6, 2)
+    data = [(torch.randn(4, 6), torch.randint(0, 2, (4,)))] * 3
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"one-shot iterator \(generator\).*epochs=2"):
+        finetune(model, (b for b in data), epochs=2)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        finetune(model, iter(data), epochs=3)
+    assert torch.equal(model.weight, before)
+    assert len(finetune(model, (b for b in data), epochs=1)) == 3  # one pass over a generator is fine
+    assert len(finetune(model, data, epochs=2)) == 6  # a list is re-iterable
+
+
 def test_measure_latency_restores_threads_and_mode():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     model.train()

@@ -226,3 +226,27 @@ def test_half_precision_conv_keeps_dtype():
     layer = CPConv2d.from_conv(conv, rank=2, seed=0, max_iter=200)
     assert all(f.dtype == torch.float16 for f in layer.factors) and layer.bias.dtype == torch.float16
     assert layer.decomposition_info["rel_error"] < 1e-2  # float16 rounding of the factors
+
+
+def test_seed_none_follows_torchs_global_rng():
+    # rank 8 > kh, kw: the SVD init pads with random columns, so the seed matters.
+    conv = planted_conv(16, 16, 3, 4)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(CPConv2d.from_conv(conv, rank=8, max_iter=5).out_factor.detach())
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(1)
+    assert not torch.equal(runs[0], CPConv2d.from_conv(conv, rank=8, max_iter=5).out_factor.detach())
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_frozen_conv_gives_frozen_factors(kernel):
+    conv = planted_conv(8, 8, kernel, 2)
+    conv.weight.requires_grad_(False)
+    layer = CPConv2d.from_conv(conv, rank=2, seed=0)
+    assert [p.requires_grad for p in layer.factors] == [False] * 4 and layer.bias.requires_grad
+    conv.requires_grad_(False)
+    assert not any(p.requires_grad for p in CPConv2d.from_conv(conv, rank=2, seed=0).parameters())
+    conv.requires_grad_(True)
+    assert all(p.requires_grad for p in CPConv2d.from_conv(conv, rank=2, seed=0).parameters())

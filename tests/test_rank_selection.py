@@ -3,6 +3,7 @@ groups, the rank-0 policy, and bad input."""
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import cpconv
+from cpconv.rank_selection import RatioNotMetWarning, check_rank_options
 
 
 def tucker_kernel(N, C, kh, kw, r_out, r_in, seed=0, noise=1e-3):
@@ -263,14 +265,19 @@ def test_clamping_invariants(groups, c_g, n_g, kh, kw, method, min_rank, extra, 
     step = math.lcm(multiple_of, groups)
     cap = limit if max_rank is None else min(limit, max_rank)
     try:
-        sel = cpconv.select_rank(weight, method, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
-                                 groups=groups, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sel = cpconv.select_rank(weight, method, min_rank=min_rank, max_rank=max_rank,
+                                     multiple_of=multiple_of, groups=groups, **options)
     except ValueError as e:
         # only two legitimate refusals: an int rank above the limit, or no multiple of step under the cap
         assert ("exceeds the limit" in str(e) and isinstance(method, int) and method > limit) or (
             "no rank that is a multiple" in str(e) and cap < step), str(e)
         return
     assert sel.rank % step == 0 and sel.rank <= cap and sel.rank <= limit
+    # A ratio that the smallest allowed rank cannot meet is said, never silent.
+    missed = method == "ratio" and sel.parameter_ratio < 2.0
+    assert [w.category for w in caught] == ([RatioNotMetWarning] if missed else [])
     if sel.rank == 0:
         assert method in ("evbmf", "energy") and "leave this layer dense" in sel.reason
     elif method != "ratio":
@@ -278,3 +285,42 @@ def test_clamping_invariants(groups, c_g, n_g, kh, kw, method, min_rank, extra, 
         wanted = max(min(max(sel.unadjusted_rank, min_rank), cap), 1)
         assert sel.rank >= wanted or sel.rank == cap // step * step
     json.dumps(sel.to_dict())
+
+
+def test_ratio_that_cannot_be_met_warns_and_keeps_the_floor():
+    conv = nn.Conv2d(16, 32, 3)
+    with pytest.warns(RatioNotMetWarning, match=r"ratio 1e\+06 is not met .*\(32, 16, 3, 3\).*rank 1 gives only 85.3x"):
+        sel = cpconv.select_rank(conv, "ratio", ratio=1e6)
+    assert sel.rank == 1 and sel.parameter_ratio == pytest.approx(32 * 16 * 9 / 54)
+    assert "is not met" in sel.reason
+    # min_rank lifting the rank above what the ratio allows is said too; a met ratio is silent.
+    with pytest.warns(RatioNotMetWarning, match="smallest allowed rank 40"):
+        cpconv.select_rank(conv, "ratio", ratio=4.0, min_rank=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpconv.select_rank(conv, "ratio", ratio=4.0).parameter_ratio >= 4.0
+
+
+def test_check_rank_options_raises_what_select_rank_raises_without_computing():
+    conv = nn.Conv2d(32, 8, 1)
+    check_rank_options(conv, 8)
+    check_rank_options(conv, "evbmf", max_rank=4)
+    for args, kwargs, exc, match in [
+        ((12,), {}, ValueError, "rank 12 exceeds the limit 8"),
+        (("vbmf",), {}, TypeError, "prior"),
+        (("ratio",), {}, TypeError, "ratio"),
+        (("energy",), {"energy": 2.0}, ValueError, "energy"),
+        (("evbmf",), {"max_rank": 2, "multiple_of": 4}, ValueError, "no rank that is a multiple of 4"),
+    ]:
+        with pytest.raises(exc, match=match):
+            check_rank_options(conv, *args, **kwargs)
+        with pytest.raises(exc, match=match):
+            cpconv.select_rank(conv, *args, **kwargs)
+
+
+def test_energy_rank_is_scale_invariant():
+    kernel = tucker_kernel(16, 8, 3, 3, 3, 2, noise=1e-3).double()
+    base = cpconv.select_rank(kernel, "energy", energy=0.99)
+    assert base.rank > 0
+    for scale in (1e-170, 1e-150, 1e150, 1e160):
+        assert cpconv.select_rank(kernel * scale, "energy", energy=0.99).mode_ranks == base.mode_ranks, scale

@@ -170,6 +170,24 @@ def test_scale_invariance(L, M, rank):
             assert got.threshold == pytest.approx(base.threshold * scale, rel=rel), (scale, dtype)
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-150, 1e150, 1e300])
+def test_scale_invariance_to_the_limits_of_float64(scale):
+    # Squares of the entries under/overflow at these scales: 1e-300 * Y used to give rank 0.
+    rng = np.random.default_rng(7)
+    Y = planted(40, 120, 4, rng)
+    base, base_vb = cpconv.evbmf(Y), cpconv.vbmf(Y, prior=10.0)
+    got, got_vb = cpconv.evbmf(Y * scale), cpconv.vbmf(Y * scale, prior=10.0 * scale)
+    assert got.rank == base.rank == 4 and got_vb.rank == base_vb.rank
+    assert got.threshold == pytest.approx(base.threshold * scale, rel=1e-6)  # the noise search's tolerance
+    np.testing.assert_allclose(got.shrunk, base.shrunk * scale, rtol=1e-6)
+    np.testing.assert_allclose(got.singular_values, base.singular_values * scale, rtol=1e-9)
+    if 1e-150 <= scale <= 1e150:  # sigma2 ~ scale**2 is representable
+        assert got.sigma2 == pytest.approx(base.sigma2 * scale**2, rel=1e-6)
+    # A known sigma2 goes with the matrix's units too.
+    given = cpconv.vbmf(Y * 1e-120, prior=10.0 * 1e-120, sigma2=base.sigma2 * 1e-240)
+    assert given.rank == cpconv.vbmf(Y, prior=10.0, sigma2=base.sigma2).rank
+
+
 def test_small_magnitude_cnn_like_weights():
     # Trained CNN weights are ~1e-2..1e-3, so sigma2 < 1e-5: where absolute-tolerance searches break.
     rng = np.random.default_rng(3)

@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,9 +19,10 @@ from torch import nn
 
 from .checkpoint import CheckpointState, CompressionCheckpoint, CheckpointError, capture_rng_state, restore_rng_state
 from .conv_args import ConvGeometry
+from .cp_als import check_cp_als_options
 from .cp_conv import CPConv2d
 from .decompose import CP_ALS_OPTIONS
-from .rank_selection import COMBINE_RULES, select_rank
+from .rank_selection import COMBINE_RULES, RatioNotMetWarning, check_rank_options, ratio_shortfall, select_rank
 from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "eligible_convs", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
@@ -120,18 +122,22 @@ def _resolve_layers(model: nn.Module, layers, order) -> List[str]:
         raise TypeError(f"layers must be a list of module names, got {layers!r}")
     if not layers:
         raise ValueError("layers must name at least one nn.Conv2d (or be None for every eligible conv)")
-    modules = dict(model.named_modules())
-    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    seen = set()
+    # Every name, shared modules under each of their names (remove_duplicate=False).
+    modules = dict(model.named_modules(remove_duplicate=False))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    seen: Dict[int, str] = {}
     for name in layers:
         if not isinstance(name, str):
             raise TypeError(f"layers must hold module names (str), got {name!r}")
-        if name in seen:
-            raise ValueError(f"layer {name!r} is listed twice in layers")
-        seen.add(name)
         if name not in modules or name == "":
             raise ValueError(f"layer {name!r} does not exist in the model; its nn.Conv2d layers are {convs}")
         module = modules[name]
+        if id(module) in seen:
+            first = seen[id(module)]
+            raise ValueError(f"layer {name!r} is listed twice in layers" if first == name else
+                             f"layers {first!r} and {name!r} are the same (shared) module; list it once: it is "
+                             "replaced under every name that refers to it")
+        seen[id(module)] = name
         if isinstance(module, CPConv2d):
             raise ValueError(f"layer {name!r} is already a CPConv2d (compressed)")
         if not isinstance(module, nn.Conv2d):
@@ -140,9 +146,14 @@ def _resolve_layers(model: nn.Module, layers, order) -> List[str]:
     return list(layers)
 
 
+def _aliases(model: nn.Module, module: nn.Module) -> List[str]:
+    """Every name under which ``module`` is reachable in ``model`` (several when it is shared)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
 # ---------------------------------------------------------------------- costs
 def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters())  # a shared parameter counts once
 
 
 def _layer_flops(module: nn.Module, input_hw: Optional[Tuple[int, int]]) -> Optional[int]:
@@ -219,9 +230,13 @@ def compress(
     Parameters
     ----------
     model
-        A trained model. Modified in place: the processed ``nn.Conv2d`` modules are replaced.
+        A trained model. Modified in place: the processed ``nn.Conv2d`` modules are replaced. A conv
+        module reachable under several names (weight tying, ``m.b = m.a``) is compressed once and the
+        same ``CPConv2d`` is put under every name (the tie holds; its parameters count once). A
+        layer's ``CPConv2d`` inherits the conv's ``requires_grad`` (a frozen conv stays frozen).
     layers
-        Names of the ``nn.Conv2d`` modules to compress, in the order to compress them. Default: every
+        Names of the ``nn.Conv2d`` modules to compress, in the order to compress them (a shared module
+        under any one of its names, once). Default: every
         eligible conv (see :func:`eligible_convs`: a conv with a single input channel per group, such
         as a first layer on grey-scale images, is skipped unless named), in *forward order* when
         ``input_shape`` is given (found with forward hooks on one pass over zeros), otherwise in module
@@ -263,11 +278,16 @@ def compress(
         ``(C, H, W)`` (or ``(B, C, H, W)``) of one input. Needed for forward order and for FLOPs in
         the report; without it the report's FLOPs are ``None``.
     ratio
-        Parameter reduction factor of every layer (dense kernel parameters / CP factor parameters, at
-        least this; e.g. ``4.0``): required by ``schedule="uniform"`` and ``rank="ratio"``.
+        Target parameter reduction factor of every layer (dense kernel parameters / CP factor
+        parameters, e.g. ``4.0``): required by ``schedule="uniform"`` and ``rank="ratio"``. Each layer
+        gets the largest rank that meets it; a layer where even the smallest allowed rank (1) misses
+        it gets that rank and a ``RatioNotMetWarning`` (a ``UserWarning``) naming the layer, the
+        requested and the achieved ratio.
     **als_options
         ``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg`` go to CP-ALS; any other
         keyword (``min_rank``, ``max_rank``, ``multiple_of``, method options) to ``select_rank``.
+        ``seed=None`` (default) draws each layer's CP-ALS seed from torch's global RNG: seed torch
+        (``torch.manual_seed``) for a reproducible run; a resumed run restores that RNG's state.
 
     Returns
     -------
@@ -285,12 +305,16 @@ def compress(
     ------
     ValueError
         No eligible conv; a name in ``layers`` that does not exist, is not an ``nn.Conv2d`` or is
-        listed twice; an unknown ``schedule``; ``uniform``/``ratio`` without a valid ``ratio``; a
+        listed twice (also under two names of one shared module); an unknown ``schedule``;
+        ``uniform``/``ratio`` without a valid ``ratio``; rank-selection or CP-ALS options that are
+        invalid for some layer (e.g. an int ``rank`` above a layer's limit: the message names the
+        layer and the limit) -- all of these before the model is touched or ``evaluate`` called; a
         checkpoint from a run with other arguments or another model.
     CheckpointError
         (a ``ValueError``) a corrupt checkpoint folder; nothing in it is overwritten.
     TypeError
-        Non-callable ``fine_tune``/``evaluate``, ``evaluate`` not returning a number.
+        Non-callable ``fine_tune``/``evaluate``, ``evaluate`` not returning a number, an unknown or
+        mistyped option (before the model is touched).
     Exception
         Whatever ``fine_tune`` or ``evaluate`` raises propagates; the checkpoint keeps the last
         finished layer.
@@ -326,7 +350,16 @@ def compress(
     if input_shape is not None:
         order, sizes = trace_convs(model, input_shape)
     names = _resolve_layers(model, layers, order)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    # Everything that can fail for a layer without looking at its fine-tuned weights is checked for every
+    # layer now, before the first one is touched (not after earlier layers were replaced and fine-tuned).
+    check_cp_als_options(**als_kwargs)
+    for n in names:
+        method, kwargs = _selection_args(rank, combine, weakening, schedule, ratio, selection_kwargs)
+        try:
+            check_rank_options(modules[n], method, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"layer {n!r}: {exc}") from None
 
     settings = _jsonable({
         "layers": names, "rank": rank if isinstance(rank, str) else int(rank), "combine": combine,
@@ -351,7 +384,7 @@ def compress(
             # Selected up front, from the original weights (and kept in the checkpoint, so a resumed
             # run does not select again from weights that were fine-tuned meanwhile).
             report.settings["plan"] = {
-                n: _jsonable(_choose_rank(modules[n], rank, combine, weakening, schedule, ratio,
+                n: _jsonable(_choose_rank(modules[n], n, rank, combine, weakening, schedule, ratio,
                                           selection_kwargs).to_dict())
                 for n in names}
 
@@ -399,11 +432,24 @@ class _PlannedSelection:
         return self.data
 
 
-def _choose_rank(conv, rank, combine, weakening, schedule, ratio, selection_kwargs):
+def _selection_args(rank, combine, weakening, schedule, ratio, selection_kwargs):
+    """``(method, keyword arguments)`` of the ``select_rank`` call for every layer."""
     if schedule == "uniform" or rank == "ratio":
-        return select_rank(conv, method="ratio", ratio=ratio, **selection_kwargs)
-    return select_rank(conv, method=rank if isinstance(rank, str) else int(rank), combine=combine,
-                       weakening=weakening, **selection_kwargs)
+        return "ratio", dict(selection_kwargs, ratio=ratio)
+    return (rank if isinstance(rank, str) else int(rank),
+            dict(selection_kwargs, combine=combine, weakening=weakening))
+
+
+def _choose_rank(conv, name, rank, combine, weakening, schedule, ratio, selection_kwargs):
+    method, kwargs = _selection_args(rank, combine, weakening, schedule, ratio, selection_kwargs)
+    with warnings.catch_warnings():
+        # Said below with the layer's name instead.
+        warnings.simplefilter("ignore", RatioNotMetWarning)
+        selection = select_rank(conv, method, **kwargs)
+    shortfall = ratio_shortfall(selection)
+    if shortfall:
+        warnings.warn(f"compress: layer {name!r}: {shortfall}", RatioNotMetWarning, stacklevel=4)
+    return selection
 
 
 def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio, selection_kwargs,
@@ -413,7 +459,7 @@ def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio
     if plan is not None:
         selection = _PlannedSelection(plan[name])
     else:
-        selection = _choose_rank(conv, rank, combine, weakening, schedule, ratio, selection_kwargs)
+        selection = _choose_rank(conv, name, rank, combine, weakening, schedule, ratio, selection_kwargs)
     if schedule == "uniform" or rank == "ratio":
         selected_from = "ratio"
     elif not isinstance(rank, str):
@@ -432,13 +478,21 @@ def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio
         return LayerReport(**common, rank=0, status="dense", reason=_DENSE_REASON, params_after=params_before,
                            flops_after=flops_before, rel_error=None, metric_after_decomposition=None,
                            metric_after_finetune=None, seconds=time.perf_counter() - start)
+    # from_conv keeps the conv's requires_grad: a layer the user froze stays frozen in fine-tuning.
     layer = CPConv2d.from_conv(conv, rank=int(selection.rank), **als_kwargs)
     layer.to(device=conv.weight.device)
     layer.train(conv.training)
     info = dict(layer.decomposition_info or {})
     info["rank_selection"] = selection.to_dict()
     layer.decomposition_info = info
-    model.set_submodule(name, layer)
+    # A module shared under several names (weight tying) is compressed once and the one CP layer put
+    # under every name, so the tie holds and its parameters count once.
+    aliases = _aliases(model, conv)
+    for alias in aliases:
+        model.set_submodule(alias, layer)
+    reason = str(selection.reason)
+    if len(aliases) > 1:
+        reason += f"; a shared module, replaced under all its names {aliases}"
     metric_decomp = _metric(evaluate(model), f"after decomposing {name}") if evaluate is not None else None
     metric_tuned = None
     if fine_tune is not None:
@@ -447,7 +501,7 @@ def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio
             metric_tuned = _metric(evaluate(model), f"after fine-tuning {name}")
     rel_error = info.get("rel_error")
     return LayerReport(
-        **common, rank=int(selection.rank), status="compressed", reason=str(selection.reason),
+        **common, rank=int(selection.rank), status="compressed", reason=reason,
         params_after=_param_count(layer), flops_after=_layer_flops(layer, input_hw),
         rel_error=None if rel_error is None else float(rel_error),
         metric_after_decomposition=metric_decomp, metric_after_finetune=metric_tuned,
@@ -482,8 +536,13 @@ def _restore(model: nn.Module, state: CheckpointState, settings: Dict[str, Any],
                          bias=conv.bias is not None, padding_mode=conv.padding_mode,
                          device=conv.weight.device, dtype=conv.weight.dtype)
         layer.train(conv.training)
+        for factor in layer.factors:  # as from_conv: a frozen conv stays frozen
+            factor.requires_grad_(conv.weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
         layer.decomposition_info = {"rel_error": record.rel_error, "rank_selection": record.selection}
-        model.set_submodule(record.name, layer)
+        for alias in _aliases(model, conv):
+            model.set_submodule(alias, layer)
     try:
         model.load_state_dict(state.model_state, strict=True)
     except RuntimeError as exc:

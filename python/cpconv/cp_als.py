@@ -26,7 +26,8 @@ import torch
 
 from . import _core
 
-__all__ = ["CPALS", "CPALSResult", "cp_als", "cp_to_tensor", "max_cp_als_rank", "MAX_CP_ALS_RANK"]
+__all__ = ["CPALS", "CPALSResult", "cp_als", "check_cp_als_options", "cp_to_tensor", "max_cp_als_rank",
+           "MAX_CP_ALS_RANK"]
 
 #: Hard cap on the rank, whatever the shape: the R x R Gram matrices (one per mode, float64) stay
 #: below ~130 MB each.
@@ -88,7 +89,8 @@ class CPALSResult:
     init : str
         ``"svd"``, ``"random"`` or ``"given"``.
     seed : int
-        The seed used for any random initial columns (drawn fresh when ``seed=None`` was passed).
+        The seed used for any random initial columns (drawn from torch's global RNG when ``seed=None``
+        was passed).
     line_search_accepted : int
         Number of accepted extrapolation steps (0 without ``line_search``).
     regularised_solves : int
@@ -172,6 +174,40 @@ def _check_nonnegative_float(name: str, value) -> float:
     if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
+
+
+def check_cp_als_options(*, init="svd", max_iter=500, tol=1e-6, seed=None, line_search=False, l2_reg=0.0,
+                         num_threads=None):
+    """Validate :func:`cp_als`'s options without a tensor (the same errors it raises).
+
+    Returns ``(max_iter, tol, seed, l2_reg, num_threads)`` normalised (``seed`` stays None when not
+    given). Explicit initial factors are only type-checked here (their shapes need the tensor).
+    """
+    if isinstance(init, str):
+        if init not in _INIT_METHODS:
+            raise ValueError(f"init must be one of {_INIT_METHODS}, a sequence of factors or a CPALSResult, got {init!r}")
+    elif not isinstance(init, (CPALSResult, list, tuple)):
+        raise TypeError(f"init must be a str, a sequence of factor matrices or a CPALSResult, got {type(init).__name__}")
+    max_iter = _check_int("max_iter", max_iter, 0)
+    tol = _check_nonnegative_float("tol", tol)
+    l2_reg = _check_nonnegative_float("l2_reg", l2_reg)
+    if not isinstance(line_search, (bool, np.bool_)):
+        raise TypeError(f"line_search must be a bool, got {type(line_search).__name__}")
+    seed = None if seed is None else _check_int("seed", seed, 0)
+    num_threads = 1 if num_threads is None else _check_int("num_threads", num_threads, 1)
+    return max_iter, tol, seed, l2_reg, num_threads
+
+
+def _normalised(x: np.ndarray):
+    """``(||x||_F, x / ||x||_F)`` in x's dtype, the norm computed in float64 without over/underflow;
+    ``(0.0, x)`` for an all-zero x."""
+    x64 = x.astype(np.float64, copy=False)
+    peak = float(np.max(np.abs(x64)))
+    if peak == 0.0:
+        return 0.0, x
+    scaled = x64 / peak
+    norm_scaled = float(np.linalg.norm(scaled))
+    return peak * norm_scaled, np.ascontiguousarray(scaled / norm_scaled, dtype=x.dtype)
 
 
 def _unit_columns(matrix: np.ndarray) -> np.ndarray:
@@ -272,7 +308,8 @@ def cp_als(
         measurable (this matters for float32 fits with errors below ~1e-2). tol must be >= 0;
         0 runs all ``max_iter`` iterations unless the fit becomes exact.
     seed
-        Seed (int >= 0) for the random columns; None draws one (reported in the result).
+        Seed (int >= 0) for the random columns; None draws one from torch's global RNG (reported in the
+        result), so ``torch.manual_seed(s)`` before the call makes it reproducible.
     line_search
         Try a Bro extrapolation ``A_prev + k^(1/p) (A - A_prev)`` from the third iteration on; it is
         kept only when it lowers the error, and p grows after 4 rejections in a row.
@@ -302,7 +339,10 @@ def cp_als(
 
     Notes
     -----
-    An identically zero tensor gives zero weights, ``rel_error = 0`` and ``n_iter = 0``.
+    The iteration runs on ``tensor / ||tensor||_F`` (the norm computed without over/underflow) and the
+    weights are scaled back, so the factors and ``rel_error`` do not depend on the tensor's scale, from
+    denormal-sized to near-overflow values. An identically zero tensor gives zero weights,
+    ``rel_error = 0`` and ``n_iter = 0``.
     """
     x = _as_float_array(tensor)
     if x.ndim not in (3, 4):
@@ -318,29 +358,27 @@ def cp_als(
             f"rank must be <= {limit} for a tensor of shape {x.shape} (min(prod(shape) // max(shape), "
             f"{MAX_CP_ALS_RANK})), got {rank}"
         )
-    max_iter = _check_int("max_iter", max_iter, 0)
-    tol = _check_nonnegative_float("tol", tol)
-    l2_reg = _check_nonnegative_float("l2_reg", l2_reg)
-    if not isinstance(line_search, (bool, np.bool_)):
-        raise TypeError(f"line_search must be a bool, got {type(line_search).__name__}")
-    seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else _check_int("seed", seed, 0)
-    num_threads = 1 if num_threads is None else _check_int("num_threads", num_threads, 1)
+    max_iter, tol, seed, l2_reg, num_threads = check_cp_als_options(
+        init=init, max_iter=max_iter, tol=tol, seed=seed, line_search=line_search, l2_reg=l2_reg,
+        num_threads=num_threads)
     if not np.isfinite(x).all():
         raise ValueError("tensor contains non-finite values (NaN or inf)")
+    if seed is None:
+        # From torch's global RNG, so torch.manual_seed (and a checkpoint's restored RNG states) fix it.
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+    # Work on x / ||x||: at extreme scales the squares in the norm, the Gram matrices of the SVD init and
+    # the error formula under- or overflow (1e-170 * x looked identically zero, 1e160 * x broke eigh).
+    norm_x, x = _normalised(x)
 
     rng = np.random.default_rng(seed)
     if isinstance(init, str):
-        if init not in _INIT_METHODS:
-            raise ValueError(f"init must be one of {_INIT_METHODS}, a sequence of factors or a CPALSResult, got {init!r}")
         init_name = init
         factors = _svd_init(x, rank, rng) if init == "svd" else _random_init(x, rank, rng)
-    elif isinstance(init, (CPALSResult, list, tuple)):
+    else:
         init_name = "given"
         factors = _given_init(x, rank, init)
-    else:
-        raise TypeError(f"init must be a str, a sequence of factor matrices or a CPALSResult, got {type(init).__name__}")
 
-    norm_x = float(np.linalg.norm(x.astype(np.float64, copy=False)))
     if norm_x == 0.0:
         factors = [np.ascontiguousarray(_unit_columns(f.astype(np.float64)), dtype=x.dtype) for f in factors]
         return CPALSResult(
@@ -350,14 +388,21 @@ def cp_als(
         )
 
     out = _core.cp_als.cp_als(x, factors, max_iter, tol, bool(line_search), l2_reg, num_threads)
-    weights = out["weights"]
     factors = out["factors"]
-    rel_error = float(_core.cp_als.relative_error(x, weights, factors, num_threads))
+    if out["n_iter"] > 0:
+        # Weights of the unit-norm tensor: the error and the degeneracy measures are taken on those.
+        unit_weights = out["weights"]
+        weights = unit_weights * norm_x
+    else:
+        # max_iter=0: the initial factors as given (weights = product of their column norms).
+        weights = out["weights"]
+        unit_weights = weights / norm_x
+    rel_error = float(_core.cp_als.relative_error(x, np.ascontiguousarray(unit_weights), factors, num_threads))
     if out["n_iter"] > 0:
         order = np.argsort(-weights, kind="stable")
-        weights = weights[order]
+        weights, unit_weights = weights[order], unit_weights[order]
         factors = [np.ascontiguousarray(f[:, order]) for f in factors]
-    max_congruence, ratio = _congruence_and_ratio(weights, factors, norm_x)
+    max_congruence, ratio = _congruence_and_ratio(unit_weights, factors, 1.0)
     return CPALSResult(
         weights=weights.astype(x.dtype),
         factors=factors,

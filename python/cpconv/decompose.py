@@ -64,7 +64,11 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
     Returns
     -------
     CPConv2d
-        On the conv's device and dtype, with ``decomposition_info`` (a JSON-serialisable dict):
+        On the conv's device and dtype, in the conv's train/eval mode; the four factors have the
+        ``requires_grad`` of the conv's weight and the bias that of the conv's bias (a frozen conv
+        stays frozen). With ``seed=None`` CP-ALS draws its seed from torch's global RNG, so
+        ``torch.manual_seed(s)`` before the call gives the same factors every time. With
+        ``decomposition_info`` (a JSON-serialisable dict):
         ``rank_selection`` (:meth:`RankSelection.to_dict`), ``rank``, ``method`` (``"cp_als"`` or
         ``"svd"``), ``rel_error`` (||K - K_cp||_F / ||K||_F measured on the returned factors),
         ``n_iter`` (max over groups), ``converged`` (all groups), ``degeneracy`` (max over groups of
@@ -173,6 +177,12 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
         padding_mode=conv.padding_mode,
     )
     layer.train(conv.training)
+    # A frozen conv gives frozen factors (and a frozen bias keeps frozen): fine-tuning must not train
+    # what the user excluded from it.
+    for factor in layer.factors:
+        factor.requires_grad_(conv.weight.requires_grad)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(conv.bias.requires_grad)
     # The error of what is actually returned (factors cast to the conv's dtype), in float64.
     with torch.no_grad():
         approx = layer.dense_weight().detach().to(device="cpu", dtype=torch.float64).numpy()

@@ -9,7 +9,9 @@ For users who have no training loop of their own to hand to :func:`cpconv.compre
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
+from collections.abc import Iterator
 from typing import Callable, Iterable, List, Optional
 
 import torch
@@ -54,11 +56,14 @@ def finetune(
     model
         Trained in train mode; its previous mode (train/eval) is restored afterwards.
     loader
-        Iterable of ``(inputs, targets)`` batches (a ``DataLoader``); re-iterated each epoch.
+        Re-iterable collection of ``(inputs, targets)`` batches (a ``DataLoader``, a list); iterated
+        once per epoch. A one-shot iterator (a generator) is accepted with ``epochs=1`` only: it would
+        be exhausted after the first epoch.
     epochs
         Passes over ``loader`` (>= 1).
     lr, momentum, weight_decay
-        Optimiser settings (``momentum`` is used by SGD only).
+        Optimiser settings: ``lr`` finite and > 0, ``momentum`` in [0, 1) (used by SGD only),
+        ``weight_decay`` finite and >= 0.
     optimizer
         ``"sgd"`` (with momentum) or ``"adam"``; a fresh optimiser each call.
     loss_fn
@@ -78,19 +83,30 @@ def finetune(
     Raises
     ------
     ValueError
-        ``epochs < 1``, ``lr <= 0``, unknown optimiser, ``max_batches < 1``, a non-finite loss.
+        ``epochs < 1``, ``lr`` not finite and > 0, ``momentum`` outside [0, 1), ``weight_decay`` not
+        finite and >= 0, unknown optimiser, ``max_batches < 1``, a one-shot iterator with
+        ``epochs > 1`` (all checked before the model is touched); a non-finite loss.
     TypeError
         A batch that is not an ``(inputs, targets)`` pair.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
+            or not (weight_decay >= 0 and math.isfinite(weight_decay))):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
+    if epochs > 1 and isinstance(loader, Iterator):
+        raise ValueError(
+            f"loader is a one-shot iterator ({type(loader).__name__}), exhausted after the first of the "
+            f"epochs={epochs}: pass a re-iterable loader (a DataLoader, a list of batches) or epochs=1")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")

@@ -26,6 +26,7 @@ rank. The result is always a multiple of ``lcm(multiple_of, G)``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -36,12 +37,19 @@ from torch import nn
 from .cp_als import MAX_CP_ALS_RANK
 from .vbmf import VBMFResult, _positive_float, evbmf, vbmf
 
-__all__ = ["RankSelection", "select_rank", "max_cp_rank", "COMBINE_RULES", "RANK_METHODS"]
+__all__ = ["RankSelection", "RatioNotMetWarning", "select_rank", "check_rank_options", "max_cp_rank",
+           "COMBINE_RULES", "RANK_METHODS"]
 
 COMBINE_RULES = ("max", "min", "mean", "output", "input")
 RANK_METHODS = ("evbmf", "vbmf", "energy", "ratio")
 _MODES = ("output", "input")
 _METHOD_OPTIONS = {"evbmf": (), "vbmf": ("prior", "sigma2"), "energy": ("energy",), "ratio": ("ratio",)}
+
+
+class RatioNotMetWarning(UserWarning):
+    """``method="ratio"``: even the smallest allowed rank (1, or what ``min_rank``, ``multiple_of`` and the
+    groups require) keeps fewer than ``ratio`` times fewer parameters than the dense kernel; that rank is
+    used anyway."""
 
 
 @dataclass
@@ -205,6 +213,8 @@ def _unfoldings(kernel: np.ndarray, groups: int):
 
 def _energy_rank(matrix: np.ndarray, energy: float) -> dict:
     g = np.linalg.svd(matrix, compute_uv=False)
+    if g[0] > 0:
+        g = g / g[0]  # the squares below underflow for entries near 1e-160 (and overflow near 1e160)
     total = float(np.sum(g**2))
     if total == 0.0:
         return {"rank": 0, "full_rank": len(g), "energy_kept": 0.0}
@@ -266,7 +276,10 @@ def select_rank(
           squared Frobenius norm; option ``energy`` in (0, 1] (default 0.9).
         - ``"ratio"``: the largest rank whose factors are at least ``ratio`` times smaller than the dense
           kernel: ``R = floor(N*C/G*kh*kw / (ratio * (N/G + C/G + kh + kw)))`` (bias excluded); option
-          ``ratio`` > 0 (required). Rounded down to the required multiple.
+          ``ratio`` > 0 (required). Rounded down to the required multiple. When even the smallest
+          allowed rank (1, or ``min_rank``, or the required multiple) misses the target, that rank is
+          used anyway: ``reason`` says so and a :class:`RatioNotMetWarning` (a ``UserWarning``) names
+          the kernel, the requested and the achieved ratio.
         - an ``int``: that rank (1 <= rank <= ``rank_limit``).
     combine
         How the two mode ranks become one (VBMF and energy methods): ``"max"`` (default), ``"min"``,
@@ -302,61 +315,17 @@ def select_rank(
         ``max_rank``.
     """
     kernel, groups = _kernel_and_groups(conv_or_weight, groups)
+    spec = _check_selection(kernel.shape, groups, method, combine, weakening, min_rank, max_rank, multiple_of,
+                            method_options)
+    method, weakening, options = spec["method"], spec["weakening"], spec["options"]
+    min_rank, max_rank, multiple_of = spec["min_rank"], spec["max_rank"], spec["multiple_of"]
+    limit, step, cap = spec["limit"], spec["step"], spec["cap"]
     n, c_g, kh, kw = kernel.shape
-    limit = max_cp_rank(kernel.shape, groups)
 
-    if isinstance(method, bool):
-        raise TypeError(f"method must be one of {RANK_METHODS} or an int rank, got {method!r}")
-    fixed_rank = None
-    if isinstance(method, (int, np.integer)):
-        fixed_rank = int(method)
-        method = "fixed"
-        if fixed_rank < 1:
-            raise ValueError(f"rank must be >= 1, got {fixed_rank}")
-        if fixed_rank > limit:
-            raise ValueError(
-                f"rank {fixed_rank} exceeds the limit {limit} for a kernel of shape {tuple(kernel.shape)} with "
-                f"groups={groups} (groups x the largest possible CP rank of one group's kernel)"
-            )
-    elif method not in RANK_METHODS:
-        raise ValueError(f"method must be one of {RANK_METHODS} or an int rank, got {method!r}")
-    if combine not in COMBINE_RULES:
-        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
-    try:
-        weakening = float(weakening)
-    except (TypeError, ValueError):
-        raise TypeError(f"weakening must be a float in [0, 1], got {weakening!r}") from None
-    if not 0.0 <= weakening <= 1.0:
-        raise ValueError(f"weakening must be in [0, 1] (1.0 = plain EVBMF), got {weakening}")
-    if weakening != 1.0 and method not in ("evbmf", "vbmf"):
-        raise ValueError(f"weakening applies to the 'evbmf' and 'vbmf' methods only, got method={method!r}")
-    min_rank = _positive_int(min_rank, "min_rank")
-    max_rank = _positive_int(max_rank, "max_rank", allow_none=True)
-    multiple_of = _positive_int(multiple_of, "multiple_of")
-    if max_rank is not None and max_rank < min_rank:
-        raise ValueError(f"max_rank={max_rank} must be >= min_rank={min_rank}")
-    allowed = _METHOD_OPTIONS.get(method, ())
-    unknown = sorted(set(method_options) - set(allowed))
-    if unknown:
-        raise TypeError(f"unexpected option(s) {unknown} for method {method!r}; it accepts {list(allowed)}")
-
-    options: dict = {}
     details: dict = {}
     mode_ranks: dict = {}
     leave_dense_note = ""
     if method in ("evbmf", "vbmf", "energy"):
-        if method == "vbmf":
-            if "prior" not in method_options:
-                raise TypeError("method='vbmf' needs the option prior=c_a*c_b (> 0)")
-            options["prior"] = _positive_float(method_options["prior"], "prior")
-            sigma2 = method_options.get("sigma2")
-            options["sigma2"] = None if sigma2 is None else _positive_float(sigma2, "sigma2")
-        if method == "energy":
-            energy = method_options.get("energy", 0.9)
-            energy = _positive_float(energy, "energy")
-            if energy > 1:
-                raise ValueError(f"energy must be in (0, 1], got {energy}")
-            options["energy"] = energy
         per_group_ranks = {mode: [] for mode in _MODES}
         full_ranks = {mode: [] for mode in _MODES}
         details = {mode: [] for mode in _MODES}
@@ -396,22 +365,18 @@ def select_rank(
             if method == "energy":
                 leave_dense_note = "the kernel is all zeros: leave this layer dense"
     elif method == "ratio":
-        if "ratio" not in method_options:
-            raise TypeError("method='ratio' needs the option ratio=<target parameter reduction, > 0>")
-        ratio = _positive_float(method_options["ratio"], "ratio")
-        options["ratio"] = ratio
+        ratio = options["ratio"]
         raw = math.floor(n * c_g * kh * kw / (ratio * (n // groups + c_g + kh + kw)))
         reason = f"ratio {ratio:g}: largest rank with dense/CP kernel parameters >= {ratio:g} is {raw}"
     else:
-        raw = fixed_rank
-        reason = f"rank {fixed_rank} given"
+        raw = spec["fixed_rank"]
+        reason = f"rank {raw} given"
 
-    step = math.lcm(multiple_of, groups)
-    cap = min(limit, max_rank) if max_rank is not None else limit
     if leave_dense_note:
         rank = 0
         reason = f"{reason}. {leave_dense_note}"
     else:
+        # _check_selection made sure that step <= cap, so the rounded rank stays in [step, cap].
         rank = max(raw, min_rank)
         rank = min(rank, cap)
         if method == "ratio":
@@ -420,18 +385,120 @@ def select_rank(
             rank = -(-rank // step) * step
         if rank > cap:
             rank = cap // step * step
-        if rank < step or rank > cap:
-            raise ValueError(
-                f"no rank that is a multiple of {step} (lcm of multiple_of={multiple_of} and groups={groups}) "
-                f"is <= {cap} (min of max_rank={max_rank} and the limit {limit})"
-            )
         if rank != raw:
             reason += (f"; adjusted to {rank} (min_rank={min_rank}, max_rank={max_rank}, multiple of {step}, "
                        f"limit {limit})")
     dense_params = n * c_g * kh * kw
     parameter_ratio = dense_params / (rank * (n // groups + c_g + kh + kw)) if rank else None
-    return RankSelection(
+    selection = RankSelection(
         rank=rank, method=method, combine=combine, mode_ranks=mode_ranks, details=details, reason=reason,
         weakening=weakening, groups=groups, kernel_shape=tuple(int(s) for s in kernel.shape), rank_limit=limit,
         unadjusted_rank=int(raw), parameter_ratio=parameter_ratio, options=options,
     )
+    shortfall = ratio_shortfall(selection)
+    if shortfall:
+        selection.reason += f"; {shortfall}"
+        warnings.warn(f"select_rank: {shortfall}", RatioNotMetWarning, stacklevel=2)
+    return selection
+
+
+def ratio_shortfall(selection: RankSelection) -> str:
+    """For a ``"ratio"`` selection whose rank misses the requested ratio, a sentence saying so; else ``""``."""
+    target = selection.options.get("ratio") if selection.method == "ratio" else None
+    if target is None or selection.parameter_ratio is None or selection.parameter_ratio >= target:
+        return ""
+    return (f"the requested parameter ratio {target:g} is not met for the kernel {tuple(selection.kernel_shape)} "
+            f"(groups={selection.groups}): its smallest allowed rank {selection.rank} gives only "
+            f"{selection.parameter_ratio:.3g}x fewer parameters")
+
+
+def check_rank_options(
+    conv_or_weight,
+    method: Union[str, int] = "evbmf",
+    combine: str = "max",
+    weakening: float = 1.0,
+    min_rank: int = 1,
+    max_rank: Optional[int] = None,
+    multiple_of: int = 1,
+    *,
+    groups: Optional[int] = None,
+    **method_options,
+) -> None:
+    """Raise what :func:`select_rank` would raise for these arguments, without computing a rank.
+
+    Everything :func:`select_rank` validates is checked (the kernel's shape, dtype and values, the
+    method and its options, an integer rank against ``rank_limit``, ``min_rank``/``max_rank``/
+    ``multiple_of`` against the groups and the limit); no SVD or VBMF is run. Used by
+    :func:`cpconv.compress` to validate every layer before it touches the first one.
+    """
+    kernel, groups = _kernel_and_groups(conv_or_weight, groups)
+    _check_selection(kernel.shape, groups, method, combine, weakening, min_rank, max_rank, multiple_of,
+                     method_options)
+
+
+def _check_selection(kernel_shape, groups, method, combine, weakening, min_rank, max_rank, multiple_of,
+                     method_options) -> dict:
+    """Validate :func:`select_rank`'s arguments for a kernel of this shape; the normalised values."""
+    limit = max_cp_rank(kernel_shape, groups)
+    if isinstance(method, bool):
+        raise TypeError(f"method must be one of {RANK_METHODS} or an int rank, got {method!r}")
+    fixed_rank = None
+    if isinstance(method, (int, np.integer)):
+        fixed_rank = int(method)
+        method = "fixed"
+        if fixed_rank < 1:
+            raise ValueError(f"rank must be >= 1, got {fixed_rank}")
+        if fixed_rank > limit:
+            raise ValueError(
+                f"rank {fixed_rank} exceeds the limit {limit} for a kernel of shape {tuple(kernel_shape)} with "
+                f"groups={groups} (groups x the largest possible CP rank of one group's kernel)"
+            )
+    elif method not in RANK_METHODS:
+        raise ValueError(f"method must be one of {RANK_METHODS} or an int rank, got {method!r}")
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    try:
+        weakening = float(weakening)
+    except (TypeError, ValueError):
+        raise TypeError(f"weakening must be a float in [0, 1], got {weakening!r}") from None
+    if not 0.0 <= weakening <= 1.0:
+        raise ValueError(f"weakening must be in [0, 1] (1.0 = plain EVBMF), got {weakening}")
+    if weakening != 1.0 and method not in ("evbmf", "vbmf"):
+        raise ValueError(f"weakening applies to the 'evbmf' and 'vbmf' methods only, got method={method!r}")
+    min_rank = _positive_int(min_rank, "min_rank")
+    max_rank = _positive_int(max_rank, "max_rank", allow_none=True)
+    multiple_of = _positive_int(multiple_of, "multiple_of")
+    if max_rank is not None and max_rank < min_rank:
+        raise ValueError(f"max_rank={max_rank} must be >= min_rank={min_rank}")
+    allowed = _METHOD_OPTIONS.get(method, ())
+    unknown = sorted(set(method_options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {unknown} for method {method!r}; it accepts {list(allowed)}")
+
+    options: dict = {}
+    if method == "vbmf":
+        if "prior" not in method_options:
+            raise TypeError("method='vbmf' needs the option prior=c_a*c_b (> 0)")
+        options["prior"] = _positive_float(method_options["prior"], "prior")
+        sigma2 = method_options.get("sigma2")
+        options["sigma2"] = None if sigma2 is None else _positive_float(sigma2, "sigma2")
+    elif method == "energy":
+        energy = _positive_float(method_options.get("energy", 0.9), "energy")
+        if energy > 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        options["energy"] = energy
+    elif method == "ratio":
+        if "ratio" not in method_options:
+            raise TypeError("method='ratio' needs the option ratio=<target parameter reduction, > 0>")
+        options["ratio"] = _positive_float(method_options["ratio"], "ratio")
+
+    step = math.lcm(multiple_of, groups)
+    cap = min(limit, max_rank) if max_rank is not None else limit
+    if cap < step:
+        raise ValueError(
+            f"no rank that is a multiple of {step} (lcm of multiple_of={multiple_of} and groups={groups}) "
+            f"is <= {cap} (min of max_rank={max_rank} and the limit {limit})"
+        )
+    return {"method": method, "fixed_rank": fixed_rank, "weakening": weakening, "min_rank": min_rank,
+            "max_rank": max_rank, "multiple_of": multiple_of, "options": options, "limit": limit,
+            "step": step, "cap": cap}

@@ -8,8 +8,9 @@ dimensionality recovery by variational Bayesian PCA", NIPS 2012).
 
 - :func:`evbmf` (empirical VBMF) estimates both the prior and the noise variance. The noise variance
   minimises the EVB free energy over ``[lower, upper]`` (bounds of Nakajima et al.), searched on
-  log(sigma^2) with the matrix normalised by its RMS, so the rank does not change when Y is scaled
-  and sigma^2 scales with the square of the factor. The threshold uses the exact tau_bar (root of
+  log(sigma^2) with the matrix divided by its largest magnitude and normalised by its RMS, so the rank
+  does not change when Y is scaled (by anything float64 represents, 1e-300 included) and sigma^2 scales
+  with the square of the factor. The threshold uses the exact tau_bar (root of
   ``log(tau+1) + alpha*log(tau/alpha+1) - tau = 0``), not the 2.5129*sqrt(alpha) approximation.
 - :func:`vbmf` uses a known prior product ``c = c_a * c_b``; sigma^2 is given, or estimated by the
   same EVB noise-variance search (prior-free, then the known-prior threshold is applied).
@@ -130,14 +131,34 @@ def _as_float64_matrix(matrix, name: str = "matrix") -> np.ndarray:
 
 
 def _spectrum(matrix, name: str):
+    """Singular values etc. of ``matrix / scale``, with ``scale`` its largest magnitude (1 for an all-zero
+    matrix): squares of entries near 1e-160 underflow and near 1e160 overflow, so the solver works on the
+    normalised matrix and the caller scales the results back (singular values by ``scale``, variances by
+    ``scale**2``)."""
     array = _as_float64_matrix(matrix, name)
+    scale = float(np.max(np.abs(array))) or 1.0
+    array = array / scale
     transposed = array.shape[0] > array.shape[1]
     L, M = sorted(array.shape)
     singular_values = np.ascontiguousarray(np.linalg.svd(array, compute_uv=False), dtype=np.float64)
     frobenius_sq = float(np.sum(array * array))
     # LAPACK's singular values can exceed ||Y||_F^2 by rounding; the solver only uses the difference.
     frobenius_sq = max(frobenius_sq, float(np.sum(singular_values**2)))
-    return singular_values, L, M, transposed, frobenius_sq
+    return singular_values, L, M, transposed, frobenius_sq, scale
+
+
+def _result(out: dict, singular_values, L, M, transposed, scale, **fields) -> VBMFResult:
+    """A :class:`VBMFResult` from the solver's output on the normalised matrix, scaled back by ``scale``
+    (a variance by ``scale`` twice rather than ``scale**2``, which over/underflows sooner)."""
+    variance = lambda v: float(v) * scale * scale  # noqa: E731
+    bounds = None
+    if fields["sigma2_estimated"]:
+        bounds = (variance(out["search_lower"]), variance(out["search_upper"]))
+    return VBMFResult(
+        rank=int(out["rank"]), sigma2=variance(out["sigma2"]), threshold=float(out["threshold"]) * scale,
+        singular_values=singular_values * scale, shrunk=np.asarray(out["shrunk"]) * scale, L=L, M=M,
+        transposed=transposed, search_bounds=bounds, **fields,
+    )
 
 
 def _positive_float(value, name: str) -> float:
@@ -184,7 +205,10 @@ def evbmf(matrix) -> VBMFResult:
     -------
     VBMFResult
         ``rank`` may be 0: no singular value above the estimated noise. An all-zero matrix gives
-        rank 0 with ``sigma2 = threshold = 0``.
+        rank 0 with ``sigma2 = threshold = 0``. Scale invariant: the matrix is divided by its largest
+        magnitude before the solve, so ``c * Y`` gives the same rank for any ``c > 0`` that float64
+        represents (1e-300 included) and ``sigma2`` scaled by ``c**2`` (which underflows to 0 below
+        about 1e-150).
 
     Raises
     ------
@@ -193,14 +217,10 @@ def evbmf(matrix) -> VBMFResult:
     ValueError
         Not 2-D, empty, non-finite values, or on the meta device.
     """
-    singular_values, L, M, transposed, frobenius_sq = _spectrum(matrix, "matrix")
+    singular_values, L, M, transposed, frobenius_sq, scale = _spectrum(matrix, "matrix")
     out = _core.vbmf.evbmf(singular_values, L, M, frobenius_sq)
-    return VBMFResult(
-        rank=int(out["rank"]), sigma2=float(out["sigma2"]), threshold=float(out["threshold"]),
-        singular_values=singular_values, shrunk=np.asarray(out["shrunk"]), L=L, M=M, transposed=transposed,
-        method="evbmf", prior=None, sigma2_estimated=True, tau_bar=float(out["tau_bar"]),
-        x_bar=float(out["x_bar"]), search_bounds=(float(out["search_lower"]), float(out["search_upper"])),
-    )
+    return _result(out, singular_values, L, M, transposed, scale, method="evbmf", prior=None,
+                   sigma2_estimated=True, tau_bar=float(out["tau_bar"]), x_bar=float(out["x_bar"]))
 
 
 def vbmf(matrix, prior: float, sigma2: Optional[float] = None) -> VBMFResult:
@@ -235,12 +255,10 @@ def vbmf(matrix, prior: float, sigma2: Optional[float] = None) -> VBMFResult:
     prior = _positive_float(prior, "prior")
     if sigma2 is not None:
         sigma2 = _positive_float(sigma2, "sigma2")
-    singular_values, L, M, transposed, frobenius_sq = _spectrum(matrix, "matrix")
-    out = _core.vbmf.vbmf(singular_values, L, M, frobenius_sq, prior, -1.0 if sigma2 is None else sigma2)
-    estimated = sigma2 is None
-    return VBMFResult(
-        rank=int(out["rank"]), sigma2=float(out["sigma2"]), threshold=float(out["threshold"]),
-        singular_values=singular_values, shrunk=np.asarray(out["shrunk"]), L=L, M=M, transposed=transposed,
-        method="vbmf", prior=prior, sigma2_estimated=estimated,
-        search_bounds=(float(out["search_lower"]), float(out["search_upper"])) if estimated else None,
-    )
+    singular_values, L, M, transposed, frobenius_sq, scale = _spectrum(matrix, "matrix")
+    # The solver sees the matrix divided by scale: the prior (units of the entries) and sigma2 (squared
+    # units) go with it.
+    out = _core.vbmf.vbmf(singular_values, L, M, frobenius_sq, prior / scale,
+                          -1.0 if sigma2 is None else sigma2 / scale / scale)
+    return _result(out, singular_values, L, M, transposed, scale, method="vbmf", prior=prior,
+                   sigma2_estimated=sigma2 is None)
