@@ -63,3 +63,20 @@ def test_interleaved_medians_times_every_call_in_shuffled_rounds():
 def test_numpy_sgemm_ceiling_is_measured():
     gflops = bench.numpy_sgemm_gflops(1, size=256, reps=3)
     assert gflops is not None and gflops > 0
+
+
+def test_bench_checks_json_path_before_benchmarking(tmp_path, monkeypatch, capsys):
+    def benchmark_layer(*args, **kwargs):
+        raise AssertionError("benchmarked before checking --json")
+    monkeypatch.setattr(bench, "benchmark_layer", benchmark_layer)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for path in (tmp_path / "missing" / "x.json", tmp_path):
+        with pytest.raises(ValueError, match="--json"):
+            bench.run(parser.parse_args(["--threads", "1", "--layers", "alexnet.conv3", "--ranks", "8", "--reps", "1",
+                                         "--no-onnx", "--json", str(path)]))
+    from cpconv.cli import main
+
+    assert main(["bench", "--no-onnx", "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cpconv bench: error: --json") and len(err.strip().splitlines()) == 1

@@ -109,3 +109,124 @@ def test_demo_bad_arguments(capsys):
         main(["demo", "--schedule", "greedy"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)), path)
+    return str(path)
+
+
+def _usage_error(argv, capsys) -> str:
+    """Run ``cpconv argv``, expect an argparse error (exit status 2); its last stderr line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_inspect_method_options(small_model, capsys):
+    assert "--method vbmf needs --prior" in _usage_error(["inspect", small_model, "--method", "vbmf"], capsys)
+    assert "--method ratio needs --ratio" in _usage_error(["inspect", small_model, "--method", "ratio"], capsys)
+    assert "--prior applies to --method vbmf only" in _usage_error(["inspect", small_model, "--prior", "1"], capsys)
+    assert "--energy" in _usage_error(["inspect", small_model, "--method", "energy", "--energy", "1.5"], capsys)
+    assert "--ratio" in _usage_error(["inspect", small_model, "--method", "ratio", "--ratio", "0"], capsys)
+    assert "--weakening" in _usage_error(["inspect", small_model, "--weakening", "2"], capsys)
+    assert "--weakening applies" in _usage_error(["inspect", small_model, "--method", "energy",
+                                                  "--weakening", "0.5"], capsys)
+    assert main(["inspect", small_model, "--method", "vbmf", "--prior", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["method"] == "vbmf" and data["settings"]["options"] == {"prior": 1.0}
+    assert main(["inspect", small_model, "--method", "ratio", "--ratio", "3"]) == 0
+    assert "rank selection ratio, ratio=3.0" in capsys.readouterr().out
+
+
+def test_inspect_int_rank(small_model, capsys):
+    assert main(["inspect", small_model, "--method", "5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [layer["rank"] for layer in data["layers"]] == [5, 5]
+    for bad in ("0", "-2"):
+        assert "an int rank must be >= 1" in _usage_error(["inspect", small_model, "--method", bad], capsys)
+    assert "must be one of evbmf" in _usage_error(["inspect", small_model, "--method", "foo"], capsys)
+
+
+def test_inspect_input_shape_errors(small_model, capsys):
+    assert main(["inspect", small_model, "--input-shape", "4,12,12"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "(4, 12, 12)" in err and "takes 3 input channels" in err
+    assert main(["inspect", small_model, "--input-shape", "3,2,2"]) == 2
+    assert "(3, 2, 2) does not fit the model" in capsys.readouterr().err
+    for bad in ("", "3,12", "3,0,12", "3,,12", "a,b,c"):
+        assert main(["inspect", small_model, "--input-shape", bad]) == 2
+        assert "--input-shape must look like" in capsys.readouterr().err
+
+
+def test_inspect_error_has_no_traceback(small_model):
+    proc = subprocess.run([sys.executable, "-m", "cpconv", "inspect", small_model, "--input-shape", "4,12,12"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("cpconv inspect: error: input shape")
+
+
+@pytest.fixture
+def no_demo_data(monkeypatch):
+    """Make any demo run that gets as far as loading the digits fail loudly."""
+    def load_digits():
+        raise AssertionError("the demo loaded its data before rejecting its arguments")
+    monkeypatch.setattr("cpconv.demo.run.load_digits", load_digits)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--weakening", "2"], "--weakening"),
+    (["--uniform-ratio", "-1"], "--uniform-ratio"),
+    (["--uniform-ratio", "nan"], "--uniform-ratio"),
+    (["--finetune-batches", "0"], "--finetune-batches"),
+    (["--train-epochs", "0"], "--train-epochs"),
+    (["--threads", "0"], "--threads"),
+    (["--seed", "-1"], "--seed"),
+    (["--out", "FILE"], "--out"),
+    (["--cache-dir", "FILE"], "--cache-dir"),
+])
+def test_demo_arguments_are_checked_up_front(args, option, tmp_path, no_demo_data, capsys):
+    (tmp_path / "afile").write_text("")
+    args = [str(tmp_path / "afile") if a == "FILE" else a for a in args]
+    argv = ["demo", "--quick", "--no-progress", "--out", str(tmp_path / "out")] + args
+    assert option in _usage_error(argv, capsys)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weakening=2.0), "weakening"),
+    (dict(uniform_ratio=-1.0), "uniform_ratio"),
+    (dict(finetune_batches=0), "finetune_batches"),
+    (dict(seed=-1), "seed"),
+    (dict(combine="median"), "combine"),
+    (dict(cache_dir="FILE"), "cache_dir"),
+    (dict(out_dir="FILE"), "out_dir"),
+])
+def test_run_demo_checks_arguments_before_loading_data(kwargs, match, tmp_path, no_demo_data):
+    from cpconv.demo import run_demo
+
+    (tmp_path / "afile").write_text("")
+    kwargs = {k: str(tmp_path / "afile") if v == "FILE" else v for k, v in kwargs.items()}
+    kwargs.setdefault("out_dir", str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=match):
+        run_demo(quick=True, progress=False, log=lambda s: None, **kwargs)
+
+
+def test_inspect_shows_rank_selection_warnings_as_notes(small_model, monkeypatch, capsys):
+    import warnings
+
+    real = cpconv.select_rank
+
+    def select_rank(*args, **kwargs):
+        warnings.warn("the requested ratio is not met", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpconv, "select_rank", select_rank)
+    assert main(["inspect", small_model]) == 0
+    assert "note: 1: the requested ratio is not met" in capsys.readouterr().out

@@ -322,7 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calls per contender per round; >1 times the warm calls after the first (default: 1)")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime (no onnxruntime installed)")
     parser.add_argument("--model", action="store_true", help="also time a whole AlexNet at 224x224")
-    parser.add_argument("--json", default="", help="also write the raw results to this JSON file")
+    parser.add_argument("--json", default="", metavar="FILE",
+                        help="also write the raw results to this JSON file (its directory must exist)")
 
 
 def _parse_ints(text: str, name: str) -> List[int]:
@@ -364,6 +365,11 @@ def run(args: argparse.Namespace) -> int:
     layers = [s for s in layer_set["layers"] if not wanted or any(s["name"].startswith(w) for w in wanted)]
     if not layers:
         raise ValueError(f"--layers {args.layers!r} matches none of {[s['name'] for s in layer_set['layers']]}")
+    if args.json:  # checked now, not after the whole benchmark
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--json {args.json!r}: cannot write that file (it must be a file path in an existing, "
+                             "writable directory)")
     use_onnx = not args.no_onnx
     if use_onnx:
         try:
@@ -433,7 +439,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point for ``python -m cpconv.bench`` (the ``cpconv`` CLI registers ``bench`` too)."""
     parser = argparse.ArgumentParser(prog="cpconv bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ValueError as exc:  # a bad argument: one line and exit status 2, as the cpconv CLI does
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,8 +64,9 @@ class ModelInspection:
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         fmt = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
         s = self.settings
-        lines = [f"{self.source}: {len(self.layers)} conv layers; rank selection {s['method']}, combine={s['combine']}, "
-                 f"weakening={s['weakening']}", fmt(header), "  ".join("-" * w for w in widths)]
+        options = "".join(f", {k}={v}" for k, v in s.get("options", {}).items())
+        lines = [f"{self.source}: {len(self.layers)} conv layers; rank selection {s['method']}{options}, "
+                 f"combine={s['combine']}, weakening={s['weakening']}", fmt(header), "  ".join("-" * w for w in widths)]
         lines += [fmt(r) for r in rows]
         notes = [f"note: {c.name}: {c.note}" for c in self.layers if c.note]
         return "\n".join(lines + notes)
@@ -108,6 +110,7 @@ def inspect_model(
     method: str = "evbmf",
     combine: str = "max",
     weakening: float = 1.0,
+    **method_options,
 ) -> ModelInspection:
     """Per conv of ``model`` (a module, or a path for :func:`load_model_file`): per-mode ranks, CP rank, savings.
 
@@ -115,11 +118,17 @@ def inspect_model(
     ----------
     input_shape
         ``(C, H, W)``: FLOPs per layer from each conv's input size in one forward pass over zeros.
-    method, combine, weakening
-        As for :func:`cpconv.select_rank`.
+    method, combine, weakening, **method_options
+        As for :func:`cpconv.select_rank` (e.g. ``method="vbmf", prior=1.0``).
+
+    Raises
+    ------
+    ValueError
+        Besides :func:`load_model_file`'s and :func:`cpconv.select_rank`'s: a forward pass on zeros of
+        ``input_shape`` fails (e.g. the wrong number of channels, or an image too small).
     """
     from . import select_rank
-    from .compress import _layer_flops, trace_convs
+    from .compress import _check_input_shape, _layer_flops, trace_convs
 
     source = "model"
     if not isinstance(model, nn.Module):
@@ -128,7 +137,17 @@ def inspect_model(
     sizes = None
     order = None
     if input_shape is not None:
-        order, sizes = trace_convs(model, input_shape)
+        shape = _check_input_shape(input_shape)
+        try:
+            order, sizes = trace_convs(model, shape)
+        except Exception as exc:  # noqa: BLE001 -- the model's own forward pass: any failure means a misfit
+            first = next(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPConv2d))), None)
+            expects = ""
+            if first is not None and first[1].in_channels != shape[1]:
+                expects = f"; its first conv {first[0]} takes {first[1].in_channels} input channels, not {shape[1]}"
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"input shape {tuple(input_shape)} does not fit the model (a forward pass on zeros "
+                             f"failed: {message}{expects})") from exc
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPConv2d))]
     if order is not None:
         pos = {n: i for i, n in enumerate(order)}
@@ -146,7 +165,11 @@ def inspect_model(
         note = ""
         if m.in_channels // m.groups == 1:
             note = "one input channel per group: compress() skips it unless named"
-        selection = select_rank(m, method=method, combine=combine, weakening=weakening)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a ratio not met: shown as the layer's note
+            warnings.simplefilter("always")
+            selection = select_rank(m, method=method, combine=combine, weakening=weakening, **method_options)
+        for w in caught:
+            note = (note + "; " if note else "") + str(w.message)
         params_dense = sum(p.numel() for p in m.parameters())
         flops_dense = _layer_flops(m, input_hw)
         rank = int(selection.rank)
@@ -166,4 +189,5 @@ def inspect_model(
     if not layers:
         raise ValueError(f"{source} has no nn.Conv2d or CPConv2d layer")
     return ModelInspection(source, layers, {"method": method, "combine": combine, "weakening": weakening,
+                                            "options": dict(method_options),
                                             "input_shape": None if input_shape is None else list(input_shape)})

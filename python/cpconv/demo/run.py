@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import os
 import time
 from typing import Callable, Dict, Optional, Sequence
@@ -54,6 +56,44 @@ def _conv_totals(model: torch.nn.Module, sizes: Dict[str, tuple]) -> tuple:
     return params, flops
 
 
+def _check_arguments(settings: dict, seed, combine, weakening, uniform_ratio) -> None:
+    """What the run would otherwise reject late (after the dense training): checked before any work."""
+    from ..rank_selection import COMBINE_RULES
+
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    for key, value in settings.items():
+        if key.endswith("_lr"):
+            if not (real(value) and value > 0):
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+        elif not (integer(value) and value >= 1) and not (value is None and key.endswith("_per_class")):
+            raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+    if not (integer(seed) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    if not (real(weakening) and 0 <= weakening <= 1):
+        raise ValueError(f"weakening must be a number in [0, 1] (1 = plain EVBMF), got {weakening!r}")
+    if uniform_ratio is not None and not (real(uniform_ratio) and uniform_ratio > 0):
+        raise ValueError(f"uniform_ratio must be a finite number > 0 (a parameter reduction factor), "
+                         f"got {uniform_ratio!r}")
+
+
+def _make_dir(path: str, what: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what} {path!r} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path!r} is not writable")
+
+
 def run_demo(
     out_dir: str = "cpconv-demo",
     *,
@@ -98,6 +138,12 @@ def run_demo(
         torch's setting. Latency is always measured on one thread.
     **overrides
         Any key of :data:`DEMO_SETTINGS` (e.g. ``finetune_batches``, ``train_epochs``).
+
+    Raises
+    ------
+    ValueError
+        An invalid argument or setting, or an ``out_dir``/``cache_dir`` that cannot be created or
+        written: all checked before the data is loaded.
     """
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -122,13 +168,15 @@ def _run_demo(out_dir, *, quick, schedules, seed, cache_dir, uniform_ratio, comb
     if isinstance(schedules, str) or not set(schedules) <= set(SCHEDULES) or not schedules:
         raise ValueError(f"schedules must be a non-empty subset of {SCHEDULES}, got {schedules!r}")
     schedules = [s for s in SCHEDULES if s in schedules]
+    _check_arguments(settings, seed, combine, weakening, uniform_ratio)
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:  # fail before the work, not at the plots
         raise ImportError("cpconv demo draws its plots with matplotlib, which is not installed: "
                           "pip install 'cpconv[demo]'")
-    os.makedirs(out_dir, exist_ok=True)
+    _make_dir(out_dir, "out_dir")
     cache_dir = cache_dir if cache_dir is not None else os.path.join(out_dir, "cache")
+    _make_dir(cache_dir, "cache_dir")
     start_all = time.perf_counter()
 
     images, labels = load_digits()
