@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.nn.utils.parametrize
 import torch.nn.utils.prune
@@ -452,6 +453,64 @@ def test_packed_weights_refresh_after_training_steps(make_optimizer):
             expected = dense_reference(layer, x)
             assert relative_error(layer(x), expected) <= TOLERANCE
             assert relative_error(cp_conv2d_fused(x, layer.factors, layer.bias, padding=1), expected) <= TOLERANCE
+
+
+def test_packed_weights_refresh_whatever_runs_the_training_forward():
+    # The fused optimizers' steps leave version counters alone; what must not matter: a no-grad
+    # forward between backward() and step(), a compiled training forward (the layer's Python forward
+    # never runs with gradients), parameters shared by two layers.
+    torch.manual_seed(0)
+    layer = make_layer()
+    twin = make_layer()
+    twin.out_factor, twin.in_factor = layer.out_factor, layer.in_factor  # shared parameters
+    x = torch.randn(2, 6, 7, 7)
+    params = {id(p): p for module in (layer, twin) for p in module.parameters()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=0.05, fused=True)
+    compiled_loss = torch.compile(lambda inp: twin(inp).square().mean(), backend="eager")
+    for step in range(3):
+        optimizer.zero_grad()
+        (layer(x).square().mean() if step % 2 == 0 else compiled_loss(x)).backward()
+        with torch.no_grad():
+            layer(x), twin(x)  # packs the weights of before the step
+        optimizer.step()
+        with torch.no_grad():
+            for module in (layer, twin):
+                assert relative_error(module(x), dense_reference(module, x)) <= TOLERANCE
+
+
+def test_fused_threads_is_validated():
+    layer = make_layer()
+    layer.fused_threads = 2
+    assert layer.fused_threads == 2
+    for bad in (2.5, "2", -1, True, 10**12):
+        with pytest.raises(ValueError, match="threads must be"):
+            layer.fused_threads = bad
+    assert layer.fused_threads == 2
+    with pytest.raises(ValueError, match="threads must be"):
+        cp_conv2d_fused(torch.randn(1, 6, 5, 5), layer.factors, layer.bias, threads=10**12)
+
+
+def test_fx_symbolic_trace_records_the_torch_stages():
+    layer = make_layer(stride=2, padding_mode="reflect").eval()
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        assert relative_error(traced(x), model(x)) <= TOLERANCE
+    assert sum(node.target is F.conv2d for node in traced.graph.nodes) == 4
+
+
+def test_export_with_grad_mode_stays_differentiable():
+    layer = make_layer().eval().requires_grad_(False)  # frozen: eager would take the fused kernel
+    x = torch.randn(1, 6, 7, 7)
+    program = torch.export.export(layer, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not any("cpconv" in t for t in targets), targets
+    xg = x.clone().requires_grad_(True)
+    program.module()(xg).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    layer.to_conv()(xr).sum().backward()
+    assert relative_error(xg.grad, xr.grad) <= TOLERANCE
 
 
 def test_data_changes_need_a_cache_clear_or_a_mode_switch():

@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -42,6 +43,7 @@ _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"
 _FACTOR_NAMES = ("out_factor", "in_factor", "vert_factor", "horz_factor")
 # torch.autograd.forward_ad keeps the innermost dual level in a module global (-1: none).
 _HAS_FORWARD_AD_LEVEL = hasattr(_forward_ad, "_current_level")
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _forward_ad_active() -> bool:
@@ -93,8 +95,8 @@ class CPConv2d(nn.Module):
 
     #: Use the fused CPU kernel when applicable (see :meth:`forward`); set False to force the torch path.
     use_fused: bool = True
-    #: Threads for the fused kernel; 0 means ``torch.get_num_threads()`` at call time.
-    fused_threads: int = 0
+    # The validated fused_threads (see the property); read directly on the fast path.
+    _fused_threads: int = 0
     # The eager fused path's packed weights: (the parameters (U, S, Y, X, bias), their state, packed
     # weights, (pad_h, pad_w) or None when the input is pre-padded, stride, dilation). An instance
     # attribute once set (never pickled or copied deeply: see __getstate__); checked against the
@@ -185,6 +187,16 @@ class CPConv2d(nn.Module):
     @padding_mode.setter
     def padding_mode(self, value: str) -> None:
         self._set_geometry(padding_mode=value)
+
+    @property
+    def fused_threads(self) -> int:
+        """Threads for the fused kernel: an int in [0, ``cpconv.fused.MAX_THREADS``]; 0 (the default)
+        means ``torch.get_num_threads()`` at call time."""
+        return self._fused_threads
+
+    @fused_threads.setter
+    def fused_threads(self, value: int) -> None:
+        self.__dict__["_fused_threads"] = fused.check_threads(value)
 
     # ------------------------------------------------------------------ construction
     def reset_parameters(self) -> None:
@@ -385,8 +397,10 @@ class CPConv2d(nn.Module):
         """Whether :meth:`forward` runs the fused CPU kernel: CPU float32 and no gradient needed."""
         if not (self.use_fused and fused.fused_enabled()):
             return False
-        # TorchScript tracing and ONNX export need ops they know: keep the torch stages for them.
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # TorchScript tracing and ONNX export need ops they know: keep the torch stages for them. An
+        # exported program must stay differentiable when captured with grad mode on (the custom op
+        # has no autograd formula; torch.compile instead guards on requires_grad and recompiles).
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (_is_exporting() and torch.is_grad_enabled()):
             return False
         if x.dtype != torch.float32 or not x.is_cpu or x.shape[0] == 0:  # an empty batch: torch's path
             return False
@@ -408,9 +422,8 @@ class CPConv2d(nn.Module):
     def _drop_packed_weights(self) -> None:
         """Forget this layer's packed weights (its own and the shared cache's): the next fused call repacks.
 
-        Called by a forward that needs gradients (a training step follows, and optimizers with
-        ``fused=True`` update parameters without bumping their version counters), by ``train()`` /
-        ``eval()`` and when the geometry changes.
+        Called by ``train()`` / ``eval()`` and when the geometry changes. (Optimizer steps empty every
+        layer's packed weights: :func:`cpconv.fused.clear_packed_weights_cache`.)
         """
         self.__dict__["_fused_plan"] = None
         params = self._parameters
@@ -430,7 +443,7 @@ class CPConv2d(nn.Module):
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             return torch.ops.cpconv.cp_conv2d(
                 x, S, Y, X, U, bias, list(self.stride), [ph, pw], list(self.dilation), self.groups,
-                self.fused_threads, "auto",
+                self._fused_threads, "auto",
             )
         # Eager: packed weights cached per layer and weight version (in-place updates bump _version,
         # a swapped .data changes the pointer), for factors that are this layer's own parameters
@@ -459,7 +472,7 @@ class CPConv2d(nn.Module):
         # .numpy()); torch.from_numpy shares its memory.
         return torch.from_numpy(_core.fused.forward(
             x.detach().numpy(), plan[2], self.stride, (ph, pw), self.dilation,
-            self.fused_threads or torch.get_num_threads()))
+            self._fused_threads or torch.get_num_threads()))
 
     def _forward_planned(self, x: torch.Tensor, plan: tuple) -> Optional[torch.Tensor]:
         """The eager fused call for a layer whose weights are packed; None when it does not apply.
@@ -488,7 +501,7 @@ class CPConv2d(nn.Module):
             # x.numpy() fails off the CPU (TypeError) and on dtypes numpy lacks; the extension rejects
             # any dtype but float32 (TypeError) and any shape the packed weights do not fit (ValueError).
             y = _core.fused.forward((x.detach() if x.requires_grad else x).numpy(), plan[2], plan[4], plan[3],
-                                    plan[5], self.fused_threads or torch.get_num_threads())
+                                    plan[5], self._fused_threads or torch.get_num_threads())
         except (RuntimeError, TypeError, ValueError):
             return None
         return torch.from_numpy(y)
@@ -502,10 +515,11 @@ class CPConv2d(nn.Module):
         transforms. ``layer.use_fused = False`` or :func:`cpconv.fused.fused_disabled` force the
         torch path; ``layer.fused_threads`` (0 = torch's thread count) sets the fused kernel's threads.
 
-        The fused kernel runs on weights packed once per weight version. A forward that needs
-        gradients, ``train()``/``eval()`` and in-place changes to the factors (optimizer steps,
-        ``load_state_dict``) make the next call repack; after changing a factor in place through
-        ``.data`` (which torch does not record) call :func:`cpconv.fused.clear_packed_weights_cache`.
+        The fused kernel runs on weights packed once per weight version. In-place changes to the
+        factors (``load_state_dict``, in-place ops), every ``torch.optim`` optimizer step (also those
+        with ``fused=True``, which do not bump version counters) and ``train()``/``eval()`` make the
+        next call repack; after changing a factor in place through ``.data`` (which torch does not
+        record) call :func:`cpconv.fused.clear_packed_weights_cache`.
         """
         plan = self._fused_plan
         if (plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling()
@@ -513,6 +527,8 @@ class CPConv2d(nn.Module):
             y = self._forward_planned(x, plan)
             if y is not None:
                 return y
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the four torch stages
+            return self._forward_stages(x)
         self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
@@ -521,10 +537,6 @@ class CPConv2d(nn.Module):
             y = self._forward_fused(x)
         else:
             y = self._forward_stages(x)
-            if y.requires_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-                # A training step may follow, and optimizers with fused=True update the factors
-                # without bumping their version counters: repack on the next fused call.
-                self._drop_packed_weights()
         return y.squeeze(0) if unbatched else y
 
     def train(self, mode: bool = True) -> "CPConv2d":
@@ -538,6 +550,16 @@ class CPConv2d(nn.Module):
         state = super().__getstate__()
         state.pop("_fused_plan", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        # Pickles of earlier versions held these as plain attributes; now properties (over _geometry
+        # and _fused_threads).
+        state = dict(state)
+        if "fused_threads" in state:
+            state["_fused_threads"] = state.pop("fused_threads")
+        for name in ("stride", "padding", "dilation", "padding_mode"):
+            state.pop(name, None)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "

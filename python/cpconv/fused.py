@@ -27,11 +27,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import operator
 import threading
 import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _core
 from .reference import as_cpu_float32_array
@@ -81,12 +83,22 @@ def _resolve_isa(isa: Optional[str]) -> str:
     return isa
 
 
+#: The most OpenMP threads one fused call may ask for.
+MAX_THREADS = 1024
+
+
+def check_threads(threads) -> int:
+    """``threads`` as an int in [0, MAX_THREADS] (0: ``torch.get_num_threads()`` at call time), or
+    ValueError naming the value."""
+    if isinstance(threads, bool) or not hasattr(threads, "__index__") or not 0 <= operator.index(threads) <= MAX_THREADS:
+        raise ValueError(f"threads must be None, 0 (= torch.get_num_threads()) or an int in [1, {MAX_THREADS}], "
+                         f"got {threads!r}")
+    return operator.index(threads)
+
+
 def _resolve_threads(threads: Optional[int]) -> int:
-    if threads is None or threads == 0:
-        return torch.get_num_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be None, 0 (= torch.get_num_threads()) or an int >= 1, got {threads!r}")
-    return threads
+    threads = 0 if threads is None else check_threads(threads)
+    return threads or torch.get_num_threads()
 
 
 def _check_factors(x_channels: Optional[int], U, S, Y, X, bias, groups: int) -> None:
@@ -216,15 +228,16 @@ def packed_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor]
     """Like :func:`pack_weights`, but cached per weight version.
 
     The cache is keyed on the tensors' identity and checked against their version counters, storage
-    pointers and shapes, so in-place changes (``optimizer.step()``, ``load_state_dict``) or a swapped
-    ``.data`` cause a repack. Inference-mode tensors (no version counter) are packed on every call.
+    pointers and shapes, so in-place changes (``load_state_dict``) or a swapped ``.data`` cause a
+    repack; every ``torch.optim`` optimizer step empties it (see :func:`clear_packed_weights_cache`).
+    Inference-mode tensors (no version counter) are packed on every call.
     """
     U, S, Y, X = factors
     return _PACKED_CACHE.get((U, S, Y, X, bias), groups)
 
 
-# Bumped by clear_packed_weights_cache: CPConv2d layers compare it with the generation their own
-# packed weights were made in.
+# Bumped by clear_packed_weights_cache (and so after every optimizer step): CPConv2d layers compare it
+# with the generation their own packed weights were made in.
 _generation = 0
 
 
@@ -232,16 +245,25 @@ def clear_packed_weights_cache() -> None:
     """Drop every packed-weights object: the cache's, and every :class:`cpconv.CPConv2d`'s own (each
     repacks on its next fused call).
 
-    Needed only after a factor changed in a way torch does not record in its version counter: an
-    in-place change through ``.data`` (e.g. ``layer.out_factor.data.mul_(2)``). In-place ops,
-    optimizer steps (a layer also repacks after any forward that needed gradients, which covers the
-    optimizers with ``fused=True`` that do not bump version counters), ``load_state_dict``,
-    ``train()``/``eval()`` and swapped parameters are seen without it.
+    Runs by itself after every ``torch.optim`` optimizer step (a global step hook: the optimizers
+    with ``fused=True`` update parameters without bumping their version counters). Call it yourself
+    only after changing a factor in a way torch does not record: in place through ``.data`` (e.g.
+    ``layer.out_factor.data.mul_(2)``) or with an update outside ``torch.optim``'s optimizers that
+    bypasses version counters. In-place ops, ``load_state_dict``, ``train()``/``eval()`` and
+    swapped parameters are seen without it.
     """
     global _generation
     with _PACKED_CACHE._lock:
         _generation += 1
     _PACKED_CACHE.clear()
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    # Any step may have changed any layer's factors, possibly without a version bump (fused=True).
+    clear_packed_weights_cache()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def _output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> Tuple[int, int]:
