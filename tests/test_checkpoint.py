@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -276,3 +277,16 @@ def test_resume_keeps_shared_and_frozen_layers(tmp_path):
     assert all(p.requires_grad for p in again[0].parameters())
     for (ka, va), (kb, vb) in zip(model.state_dict().items(), again.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_checkpoint_json_is_strict_and_resume_keeps_non_finite_metrics(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    model, report = _checkpointed_run(tmp_path, evaluate=lambda m: float("nan"))
+    for name in os.listdir(tmp_path):
+        if name.endswith(".json"):
+            json.loads((tmp_path / name).read_text(), parse_constant=refuse)
+    _, resumed = _checkpointed_run(tmp_path, evaluate=lambda m: 0.0)  # everything done: restored only
+    assert math.isnan(resumed.metric_before) and math.isnan(resumed.layers[-1].metric_after_decomposition)
+    assert _layers_without_time(resumed) == _layers_without_time(report)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune
-from cpconv.compress import trace_convs
+from cpconv.compress import eligible_convs, trace_convs
+from cpconv.inspect_model import inspect_model
 from cpconv.rank_selection import RatioNotMetWarning
 from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
 from cpconv.demo.digits import load_digits, stratified_split
@@ -313,3 +315,102 @@ def test_uniform_ratio_that_a_layer_cannot_meet_warns_with_its_name():
     with pytest.warns(RatioNotMetWarning, match="layer '0'.*ratio 50 is not met.*rank 1 gives only 17.3x"):
         report = compress(model, schedule="uniform", ratio=50.0, progress=False, seed=0, max_iter=5)
     assert report.ranks["0"] == 1
+
+
+# ---------------------------------------------------------------------- evaluate's result, strict JSON
+def test_evaluate_returning_none_is_refused_before_anything_is_touched():
+    model = build_model()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+    with pytest.raises(TypeError, match="must return a number, got None \\(does it lack a `return`\\?\\) "
+                                        "on the dense model, before any layer was replaced"):
+        compress(model, evaluate=lambda m: None, fine_tune=lambda m, s: calls.append(s), progress=False, seed=0)
+    assert calls == [] and all(type(model[i]) is nn.Conv2d for i in (0, 2, 4, 6))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    results = iter([0.5, 0.4, None])  # dense, after decomposing '0', after fine-tuning '0'
+    with pytest.raises(TypeError, match="got None .* after fine-tuning layer '0'"):
+        compress(build_model(), evaluate=lambda m: next(results), fine_tune=lambda m, s: None, progress=False,
+                 seed=0, max_iter=5)
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_metrics_are_recorded_and_saved_as_strict_json(tmp_path):
+    results = iter([float("nan"), float("inf"), float("-inf")])
+    report = compress(build_model(), layers=["0"], evaluate=lambda m: next(results), fine_tune=lambda m, s: None,
+                      progress=False, seed=0, max_iter=5)
+    assert math.isnan(report.metric_before) and report.metric_after == -math.inf
+    assert report.layers[0].metric_after_decomposition == math.inf
+    assert "nan" in str(report) and "-inf" in str(report)
+    report.save(tmp_path / "r.json")
+    data = _strict_json((tmp_path / "r.json").read_text())
+    assert data["metric_before"] == "NaN" and data["totals"]["metric_after"] == "-Infinity"
+    assert data["layers"][0]["metric_after_decomposition"] == "Infinity"
+    loaded = CompressionReport.load(tmp_path / "r.json")
+    assert math.isnan(loaded.metric_before) and loaded.metric_after == -math.inf
+    assert loaded.layers[0].metric_after_decomposition == math.inf
+    assert loaded.to_dict() == report.to_dict() and str(loaded) == str(report)
+
+
+# ---------------------------------------------------------------------- conv subclasses
+class _StdConv2d(nn.Conv2d):
+    """A weight-standardised conv (BiT, timm): its forward is not nn.Conv2d's."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _ScaledConv2d(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _PlainSubclass(nn.Conv2d):
+    """Keeps nn.Conv2d's forward: eligible."""
+
+
+def _as(cls, conv):
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    new.load_state_dict(conv.state_dict())
+    return new
+
+
+def _subclass_model():
+    g = torch.Generator().manual_seed(0)
+    return nn.Sequential(planted_conv(3, 8, 3, 2, g), nn.ReLU(), _as(_StdConv2d, planted_conv(8, 8, 3, 2, g)),
+                         nn.ReLU(), _as(_ScaledConv2d, planted_conv(8, 8, 3, 2, g)), nn.ReLU(),
+                         _as(_PlainSubclass, planted_conv(8, 8, 3, 2, g)))
+
+
+def test_conv_subclass_with_its_own_forward_is_never_compressed():
+    model = _subclass_model()
+    assert eligible_convs(model) == ["0", "6"]
+    report = compress(model, progress=False, seed=0, max_iter=10, input_shape=(3, 6, 6))
+    assert report.planned_layers == ["0", "6"] and isinstance(model[0], CPConv2d) and isinstance(model[6], CPConv2d)
+    assert type(model[2]) is _StdConv2d and type(model[4]) is _ScaledConv2d
+    for name, cls in (("2", "_StdConv2d"), ("4", "_ScaledConv2d")):
+        model = _subclass_model()
+        with pytest.raises(ValueError, match=f"layer '{name}' is a {cls}, an nn.Conv2d subclass whose forward is "
+                                             "not nn.Conv2d's .*would not compute the same function"):
+            compress(model, layers=["6", name], progress=False)
+        assert type(model[6]) is _PlainSubclass  # refused before anything was touched
+    with pytest.raises(ValueError, match="no eligible nn.Conv2d.*0: a _StdConv2d, an nn.Conv2d subclass"):
+        compress(nn.Sequential(_StdConv2d(8, 8, 3)), progress=False)
+
+
+def test_inspect_marks_a_conv_subclass_with_its_own_forward_not_eligible():
+    result = inspect_model(_subclass_model(), input_shape=(3, 6, 6))
+    layers = {c.name: c for c in result.layers}
+    for name in ("2", "4"):
+        c = layers[name]
+        assert c.rank == 0 and c.mode_ranks == {} and c.params_cp == c.params_dense and c.flops_cp == c.flops_dense
+        assert c.note.startswith("not eligible: a _") and "forward is not nn.Conv2d's" in c.note
+    assert layers["0"].rank > 0 and layers["6"].rank > 0 and layers["6"].note == ""
+    assert "note: 2: not eligible" in str(result)

@@ -25,7 +25,7 @@ from .decompose import CP_ALS_OPTIONS
 from .rank_selection import COMBINE_RULES, RatioNotMetWarning, check_rank_options, ratio_shortfall, select_rank
 from .report import CompressionReport, LayerReport
 
-__all__ = ["compress", "eligible_convs", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
+__all__ = ["compress", "eligible_convs", "ineligible_reason", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
 
 SCHEDULES = ("iterative", "static", "uniform")
 #: Keyword arguments of ``compress`` passed to the CP-ALS solver (``CPConv2d.from_conv``); every other
@@ -90,17 +90,38 @@ def _check_input_shape(input_shape) -> Tuple[int, ...]:
     return shape if len(shape) == 4 else (1,) + shape
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """True for an ``nn.Conv2d`` subclass with its own ``forward`` or ``_conv_forward``."""
+    cls = type(module)
+    return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+
+
+def ineligible_reason(module: nn.Module) -> Optional[str]:
+    """Why :func:`compress` skips the ``nn.Conv2d`` ``module`` by default, or ``None`` when it is eligible."""
+    if _own_forward(module):
+        return (f"a {type(module).__name__}, an nn.Conv2d subclass whose forward is not nn.Conv2d's (it overrides "
+                "forward or _conv_forward): a CP layer of its weight would not compute the same function, so "
+                "it is never compressed")
+    if module.in_channels // module.groups == 1:
+        return "one input channel per group: skipped unless named in layers="
+    return None
+
+
 def eligible_convs(model: nn.Module, order: Optional[Sequence[str]] = None) -> List[str]:
     """The convolutions :func:`compress` processes by default, in forward order if ``order`` is given.
 
-    Eligible: every ``nn.Conv2d`` with more than one input channel per group. A conv with one input
-    channel per group (a first layer on grey-scale images, or a depthwise conv) is skipped: its
+    Eligible: every ``nn.Conv2d`` with more than one input channel per group, except subclasses
+    with their own ``forward`` or ``_conv_forward`` (see :func:`ineligible_reason`). A conv with one
+    input channel per group (a first layer on grey-scale images, or a depthwise conv) is skipped: its
     kernel has no input-channel mode to factor, and its CP form would expand the input to ``R``
     channels at full resolution, usually costing more than the dense layer. Name it in ``layers``
-    to compress it anyway.
+    to compress it anyway. A subclass that computes something else than ``nn.Conv2d`` from its
+    weight (e.g. a weight-standardised conv) is never compressed: a ``CPConv2d`` approximating its
+    raw weight would change the model's function. Subclasses that keep ``nn.Conv2d``'s forward are
+    eligible.
     """
     convs = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.in_channels // m.groups > 1]
+             if isinstance(m, nn.Conv2d) and ineligible_reason(m) is None]
     if order is None:
         return convs
     rank = {name: i for i, name in enumerate(order)}
@@ -112,11 +133,9 @@ def _resolve_layers(model: nn.Module, layers, order) -> List[str]:
     if layers is None:
         names = eligible_convs(model, order)
         if not names:
-            all_convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-            raise ValueError(
-                "model has no eligible nn.Conv2d to compress"
-                + (f" (its convs {all_convs} all have one input channel per group; name them in layers= to "
-                   "compress them anyway)" if all_convs else " (it contains no nn.Conv2d)"))
+            skipped = [f"{n}: {ineligible_reason(m)}" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+            raise ValueError("model has no eligible nn.Conv2d to compress"
+                             + (f" ({'; '.join(skipped)})" if skipped else " (it contains no nn.Conv2d)"))
         return names
     if isinstance(layers, str) or not isinstance(layers, (list, tuple)):
         raise TypeError(f"layers must be a list of module names, got {layers!r}")
@@ -143,6 +162,8 @@ def _resolve_layers(model: nn.Module, layers, order) -> List[str]:
         if not isinstance(module, nn.Conv2d):
             raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d; "
                              f"the model's nn.Conv2d layers are {convs}")
+        if _own_forward(module):
+            raise ValueError(f"layer {name!r} is {ineligible_reason(module)}")
     return list(layers)
 
 
@@ -193,13 +214,13 @@ def _jsonable(value):
     return repr(value)
 
 
-def _metric(value, what: str) -> Optional[float]:
-    if value is None:
-        return None
+def _metric(value, what: str) -> float:
+    """``evaluate``'s result as a float (NaN and +-inf included); ``TypeError`` for anything else."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"evaluate(model) must return a number, got {type(value).__name__} ({what})")
+        hint = " (does it lack a `return`?)" if value is None else ""
+        raise TypeError(f"evaluate(model) must return a number, got {'None' if value is None else type(value).__name__}{hint} {what}")
     return float(value)
 
 
@@ -238,7 +259,9 @@ def compress(
         Names of the ``nn.Conv2d`` modules to compress, in the order to compress them (a shared module
         under any one of its names, once). Default: every
         eligible conv (see :func:`eligible_convs`: a conv with a single input channel per group, such
-        as a first layer on grey-scale images, is skipped unless named), in *forward order* when
+        as a first layer on grey-scale images, is skipped unless named; an ``nn.Conv2d`` subclass with
+        its own ``forward``/``_conv_forward``, such as a weight-standardised conv, is never compressed
+        and naming it raises ``ValueError``), in *forward order* when
         ``input_shape`` is given (found with forward hooks on one pass over zeros), otherwise in module
         registration order.
     rank
@@ -259,7 +282,12 @@ def compress(
         ``layers``) was replaced. Any training loop fits (:func:`cpconv.finetune`, your own, ...).
     evaluate
         ``evaluate(model) -> float``, called once on the dense model and after each decomposition and
-        each fine-tuning; recorded in the report.
+        each fine-tuning; recorded in the report. It must return a real number (or a one-element
+        tensor): anything else, ``None`` included (a forgotten ``return``), raises ``TypeError`` -- on
+        a fresh run already at the first call, on the dense model, before any layer is replaced. NaN
+        and +-inf are numbers: they are recorded as they are (e.g. a diverged fine-tuning shows up in
+        the report) and :meth:`CompressionReport.save` writes them as the strings ``"NaN"``,
+        ``"Infinity"``, ``"-Infinity"`` (strict JSON has no such numbers).
     checkpoint_dir
         Folder for a checkpoint written atomically after every finished layer (model state, report,
         global RNG states of torch/NumPy/random). See :mod:`cpconv.checkpoint`. Nothing else is
@@ -304,8 +332,9 @@ def compress(
     Raises
     ------
     ValueError
-        No eligible conv; a name in ``layers`` that does not exist, is not an ``nn.Conv2d`` or is
-        listed twice (also under two names of one shared module); an unknown ``schedule``;
+        No eligible conv; a name in ``layers`` that does not exist, is not an ``nn.Conv2d``, is an
+        ``nn.Conv2d`` subclass with its own ``forward``/``_conv_forward`` or is listed twice (also
+        under two names of one shared module); an unknown ``schedule``;
         ``uniform``/``ratio`` without a valid ``ratio``; rank-selection or CP-ALS options that are
         invalid for some layer (e.g. an int ``rank`` above a layer's limit: the message names the
         layer and the limit) -- all of these before the model is touched or ``evaluate`` called; a
@@ -313,8 +342,9 @@ def compress(
     CheckpointError
         (a ``ValueError``) a corrupt checkpoint folder; nothing in it is overwritten.
     TypeError
-        Non-callable ``fine_tune``/``evaluate``, ``evaluate`` not returning a number, an unknown or
-        mistyped option (before the model is touched).
+        Non-callable ``fine_tune``/``evaluate``, an unknown or mistyped option (before the model is
+        touched); ``evaluate`` not returning a number (``None`` included), naming when: on the dense
+        model (before anything is replaced) or after decomposing/fine-tuning which layer.
     Exception
         Whatever ``fine_tune`` or ``evaluate`` raises propagates; the checkpoint keeps the last
         finished layer.
@@ -378,7 +408,7 @@ def compress(
                                    model_params_before=_param_count(model),
                                    conv_flops_before=_model_conv_flops(model, sizes))
         if evaluate is not None:
-            report.metric_before = _metric(evaluate(model), "dense model")
+            report.metric_before = _metric(evaluate(model), "on the dense model, before any layer was replaced")
         report.settings["plan"] = None
         if schedule in ("static", "uniform"):
             # Selected up front, from the original weights (and kept in the checkpoint, so a resumed
@@ -493,12 +523,12 @@ def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio
     reason = str(selection.reason)
     if len(aliases) > 1:
         reason += f"; a shared module, replaced under all its names {aliases}"
-    metric_decomp = _metric(evaluate(model), f"after decomposing {name}") if evaluate is not None else None
+    metric_decomp = _metric(evaluate(model), f"after decomposing layer {name!r}") if evaluate is not None else None
     metric_tuned = None
     if fine_tune is not None:
         fine_tune(model, step)
         if evaluate is not None:
-            metric_tuned = _metric(evaluate(model), f"after fine-tuning {name}")
+            metric_tuned = _metric(evaluate(model), f"after fine-tuning layer {name!r}")
     rel_error = info.get("rel_error")
     return LayerReport(
         **common, rank=int(selection.rank), status="compressed", reason=reason,

@@ -21,7 +21,9 @@ class ConvInspection:
 
     ``rank`` is 0 when the selection found no signal above noise (the layer would stay dense);
     ``params_cp``/``flops_cp`` then equal the dense figures. For a layer that already is a
-    ``CPConv2d``, ``rank`` is its rank and ``mode_ranks`` is empty.
+    ``CPConv2d``, ``rank`` is its rank and ``mode_ranks`` is empty. An ``nn.Conv2d`` subclass with its
+    own ``forward``/``_conv_forward``, which :func:`cpconv.compress` never compresses, gets no rank
+    selection: ``rank`` 0, empty ``mode_ranks``, and ``note`` says why.
     """
 
     name: str
@@ -128,7 +130,7 @@ def inspect_model(
         ``input_shape`` fails (e.g. the wrong number of channels, or an image too small).
     """
     from . import select_rank
-    from .compress import _check_input_shape, _layer_flops, trace_convs
+    from .compress import _check_input_shape, _layer_flops, _own_forward, ineligible_reason, trace_convs
 
     source = "model"
     if not isinstance(model, nn.Module):
@@ -162,6 +164,13 @@ def inspect_model(
                 m.parameter_count(), None if input_hw is None else m.dense_flops(input_hw),
                 None if input_hw is None else m.flops(input_hw), "already CP-decomposed"))
             continue
+        params_dense = sum(p.numel() for p in m.parameters())
+        flops_dense = _layer_flops(m, input_hw)
+        if _own_forward(m):
+            layers.append(ConvInspection(
+                name, "Conv2d", tuple(m.weight.shape), m.groups, input_hw, {}, 0, params_dense, params_dense,
+                flops_dense, flops_dense, f"not eligible: {ineligible_reason(m)}"))
+            continue
         note = ""
         if m.in_channels // m.groups == 1:
             note = "one input channel per group: compress() skips it unless named"
@@ -170,8 +179,6 @@ def inspect_model(
             selection = select_rank(m, method=method, combine=combine, weakening=weakening, **method_options)
         for w in caught:
             note = (note + "; " if note else "") + str(w.message)
-        params_dense = sum(p.numel() for p in m.parameters())
-        flops_dense = _layer_flops(m, input_hw)
         rank = int(selection.rank)
         if rank == 0:
             params_cp, flops_cp = params_dense, flops_dense

@@ -12,6 +12,10 @@ __all__ = ["LayerReport", "CompressionReport"]
 
 REPORT_FORMAT = "cpconv-compression-report"
 REPORT_VERSION = 1
+#: How :meth:`CompressionReport.to_dict` (and so the saved JSON) writes non-finite floats, which strict
+#: JSON (RFC 8259) has no numbers for; :meth:`CompressionReport.from_dict` reads the metrics and CP
+#: errors back as floats.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 @dataclasses.dataclass
@@ -53,7 +57,8 @@ class LayerReport:
         ``||K - K_cp||_F / ||K||_F`` of the CP decomposition, ``None`` for a dense layer.
     metric_after_decomposition, metric_after_finetune
         ``evaluate(model)`` just after the replacement and after ``fine_tune`` (``None`` when the
-        callable was not given or the layer stayed dense).
+        callable was not given or the layer stayed dense). May be NaN or +-inf (what ``evaluate``
+        returned); :meth:`to_dict` writes those as ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
     seconds
         Wall time spent on this layer (selection, decomposition, fine-tuning, evaluation).
     """
@@ -78,7 +83,8 @@ class LayerReport:
     seconds: float
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as strict-JSON data (non-finite floats as the strings of :data:`NON_FINITE`)."""
+        return _strict(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "LayerReport":
@@ -90,6 +96,8 @@ class LayerReport:
         kw["kernel_shape"] = tuple(kw["kernel_shape"])
         if kw["input_hw"] is not None:
             kw["input_hw"] = tuple(kw["input_hw"])
+        for k in ("rel_error", "metric_after_decomposition", "metric_after_finetune"):
+            kw[k] = _float(kw[k])
         return cls(**kw)
 
 
@@ -98,7 +106,8 @@ class CompressionReport:
     """The result of :func:`cpconv.compress`: settings, one :class:`LayerReport` per layer, totals.
 
     ``str(report)`` (or :meth:`to_table`) renders a table; :meth:`save` / :meth:`load` write and read
-    JSON.
+    strict JSON (RFC 8259): a NaN or infinite metric is written as the string ``"NaN"``,
+    ``"Infinity"`` or ``"-Infinity"`` and read back as that float.
 
     Attributes
     ----------
@@ -177,7 +186,8 @@ class CompressionReport:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        """The report as strict-JSON data (non-finite floats as the strings of :data:`NON_FINITE`)."""
+        return _strict({
             "format": REPORT_FORMAT,
             "version": REPORT_VERSION,
             "settings": self.settings,
@@ -196,7 +206,7 @@ class CompressionReport:
                 "metric_after": self.metric_after,
                 "seconds": self.seconds,
             },
-        }
+        })
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "CompressionReport":
@@ -210,7 +220,7 @@ class CompressionReport:
                 settings=dict(data["settings"]),
                 layers=[LayerReport.from_dict(d) for d in data["layers"]],
                 planned_layers=list(data["planned_layers"]),
-                metric_before=data["metric_before"],
+                metric_before=_float(data["metric_before"]),
                 model_params_before=int(data["model_params_before"]),
                 model_params_after=int(data["model_params_after"]),
                 conv_flops_before=data["conv_flops_before"],
@@ -220,10 +230,10 @@ class CompressionReport:
             raise ValueError(f"malformed compression report: {exc!r}") from None
 
     def to_json(self, indent: Optional[int] = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def save(self, path: "os.PathLike | str") -> None:
-        """Write the report as JSON to ``path``."""
+        """Write the report as strict JSON to ``path`` (a NaN/inf metric as ``"NaN"``, ``"Infinity"``...)."""
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json())
             f.write("\n")
@@ -286,6 +296,24 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return self.to_table()
+
+
+def _strict(data):
+    """``data`` with every non-finite float replaced by its string in :data:`NON_FINITE`."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    if isinstance(data, dict):
+        return {k: _strict(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_strict(v) for v in data]
+    if isinstance(data, tuple):
+        return tuple(_strict(v) for v in data)
+    return data
+
+
+def _float(value):
+    """A metric read from JSON: the strings of :data:`NON_FINITE` back to floats."""
+    return NON_FINITE[value] if isinstance(value, str) and value in NON_FINITE else value
 
 
 def _count(n: int) -> str:
