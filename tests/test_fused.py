@@ -692,3 +692,18 @@ def test_function_cache_refreshes_after_in_place_change():
     expected = cp_conv2d_reference(x, (U, S, Y, X), bias, padding=1)
     assert relative_error(second, expected) <= TOLERANCE
     assert not torch.allclose(first, second)
+
+
+def test_function_cache_entries_go_with_their_tensors():
+    fused.clear_packed_weights_cache()
+    x = torch.randn(1, 6, 7, 7)
+    for _ in range(3):
+        layer = make_layer()
+        cp_conv2d_fused(x, layer.factors, layer.bias, padding=1)
+        assert len(fused._PACKED_CACHE) == 1
+        del layer  # its factors die: so does the cache entry, not only when 256 newer ones push it out
+        assert len(fused._PACKED_CACHE) == 0
+    layer = make_layer()
+    for _ in range(3):  # detached copies of the factors are new tensors each call
+        cp_conv2d_fused(x, tuple(f.detach().clone() for f in layer.factors), layer.bias, padding=1)
+    assert len(fused._PACKED_CACHE) == 0

@@ -11,7 +11,7 @@ from . import _core  # noqa: F401
 from .cp_als import CPALS, CPALSResult, cp_als
 from .cp_conv import CPConv2d
 from .fused import cp_conv2d_fused
-from .rank_selection import RankSelection, max_cp_rank, select_rank
+from .rank_selection import RankSelection, RatioNotMetWarning, max_cp_rank, select_rank
 from .reference import cp_conv2d_reference
 from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
 from .checkpoint import CheckpointError
@@ -35,6 +35,7 @@ __all__ = [
     "evbmf_tau_bar",
     "max_cp_rank",
     "select_rank",
+    "RatioNotMetWarning",
     "vbmf",
     "__version__",
     "compress",

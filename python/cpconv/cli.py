@@ -107,7 +107,7 @@ def _add_demo(sub) -> None:
                    help="MUSCO weakening w in [0, 1] of the EVBMF rank (1 = plain EVBMF; default: %(default)s)")
     p.add_argument("--uniform-ratio", type=_float_in(0.0, low_open=True), metavar="R",
                    help="parameter reduction factor of every layer under the uniform schedule "
-                        "(default: the factor the iterative schedule reached)")
+                        "(default: the factor the iterative schedule reached; 4.0 when it does not run)")
     p.add_argument("--finetune-batches", type=_int_at_least(1), metavar="N",
                    help="fine-tuning budget after every layer, in batches (default: 40; --quick: 4)")
     p.add_argument("--train-epochs", type=_int_at_least(1), metavar="N",

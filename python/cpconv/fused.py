@@ -167,7 +167,11 @@ def pack_weights(factors: Sequence[torch.Tensor], bias: Optional[torch.Tensor] =
 
 
 class _PackedWeightsCache:
-    """Packed weights keyed on the factor tensors' identity, checked against their ``_version`` and storage pointer."""
+    """Packed weights keyed on the factor tensors' identity, checked against their ``_version`` and storage pointer.
+
+    An entry goes when any of its tensors is freed (a weakref callback), so packed weights never
+    outlive their factors; at most ``max_entries`` live ones are kept (least recently made dropped).
+    """
 
     def __init__(self, max_entries: int = 256) -> None:
         self._entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -196,7 +200,15 @@ class _PackedWeightsCache:
         U, S, Y, X, bias = tensors
         packed = pack_weights((U, S, Y, X), bias, groups=groups)
         if state is not None:
-            refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+            entries = self._entries
+
+            def forget(_ref, key=key):
+                # Runs wherever the tensor is freed, possibly with the lock held in this thread: no
+                # lock, a single pop (atomic under the GIL). A newer entry under a reused id only
+                # costs a repack.
+                entries.pop(key, None)
+
+            refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
             with self._lock:
                 self._entries[key] = (refs, state, packed)
                 self._entries.move_to_end(key)
@@ -210,8 +222,9 @@ class _PackedWeightsCache:
             return
         ids = tuple(map(id, tensors))
         with self._lock:
-            for key in [k for k in self._entries if k[:5] == ids]:
-                del self._entries[key]
+            for key in list(self._entries):  # (a snapshot: entries may go while this runs)
+                if key[:5] == ids:
+                    self._entries.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:

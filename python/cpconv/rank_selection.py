@@ -307,7 +307,8 @@ def select_rank(
     Raises
     ------
     TypeError
-        A CPConv2d, an unsupported object, a non-floating kernel, an unknown option, non-int ranks.
+        A CPConv2d, an unsupported object, a non-floating kernel, an unknown option, a missing
+        required option (``prior`` for ``"vbmf"``, ``ratio`` for ``"ratio"``), non-int ranks.
     ValueError
         Non-finite/empty/non-4-D kernel, meta device, an unknown method or combine rule, weakening
         outside [0, 1] or given with a method it does not apply to, an integer rank < 1 or above
