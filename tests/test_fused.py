@@ -707,3 +707,19 @@ def test_function_cache_entries_go_with_their_tensors():
     for _ in range(3):  # detached copies of the factors are new tensors each call
         cp_conv2d_fused(x, tuple(f.detach().clone() for f in layer.factors), layer.bias, padding=1)
     assert len(fused._PACKED_CACHE) == 0
+
+
+def test_data_swapped_twice_is_seen():
+    # Two .data swaps between fused calls: the allocator may hand the second new tensor the address
+    # the packed weights were made from; the packed storages are kept alive so that cannot happen.
+    layer = make_layer().eval()
+    x = torch.randn(1, 6, 7, 7)
+    with torch.no_grad():
+        for _ in range(20):
+            layer(x)
+            cp_conv2d_fused(x, layer.factors, layer.bias, padding=1)
+            layer.out_factor.data = torch.randn_like(layer.out_factor)
+            layer.out_factor.data = torch.randn_like(layer.out_factor)
+            expected = dense_reference(layer, x)
+            assert relative_error(layer(x), expected) <= TOLERANCE
+            assert relative_error(cp_conv2d_fused(x, layer.factors, layer.bias, padding=1), expected) <= TOLERANCE

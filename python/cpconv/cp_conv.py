@@ -98,7 +98,8 @@ class CPConv2d(nn.Module):
     # The validated fused_threads (see the property); read directly on the fast path.
     _fused_threads: int = 0
     # The eager fused path's packed weights: (the parameters (U, S, Y, X, bias), their state, packed
-    # weights, (pad_h, pad_w) or None when the input is pre-padded, stride, dilation). An instance
+    # weights, (pad_h, pad_w) or None when the input is pre-padded, stride, dilation, aliases of the
+    # packed storages). An instance
     # attribute once set (never pickled or copied deeply: see __getstate__); checked against the
     # parameters' identity, versions and pointers on every call, dropped by a training forward,
     # train()/eval() and geometry changes (see _drop_packed_weights).
@@ -458,8 +459,11 @@ class CPConv2d(nn.Module):
                 state = None
         plan = self._fused_plan
         if plan is None or state is None or plan[1] != state:
+            # plan[6]: aliases of the packed storages, so their addresses are not reused while the
+            # plan lives (a .data swapped twice cannot bring the packed data_ptr back).
             plan = (tensors, state, fused.pack_weights((U, S, Y, X), bias, groups=self.groups),
-                    (ph, pw) if pre_pad is None else None, self.stride, self.dilation)
+                    (ph, pw) if pre_pad is None else None, self.stride, self.dilation,
+                    tuple(None if t is None else t.detach() for t in tensors))
             self.__dict__["_fused_plan"] = plan if state is not None else None
         b, c, h, w = x.shape
         (sh, sw), (dh, dw) = self.stride, self.dilation

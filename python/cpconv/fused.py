@@ -192,7 +192,7 @@ class _PackedWeightsCache:
         if state is not None:
             entry = self._entries.get(key)  # a dict read is atomic under the GIL
             if entry is not None:
-                refs, old_state, packed = entry
+                refs, old_state, packed, _ = entry
                 if old_state == state and all(
                     (r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors)
                 ):
@@ -209,8 +209,11 @@ class _PackedWeightsCache:
                 entries.pop(key, None)
 
             refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
+            # Aliases of the packed storages: while the entry lives their addresses cannot be reused,
+            # so a swapped .data always shows as a new data_ptr (not the old one come back).
+            storages = tuple(None if t is None else t.detach() for t in tensors)
             with self._lock:
-                self._entries[key] = (refs, state, packed)
+                self._entries[key] = (refs, state, packed, storages)
                 self._entries.move_to_end(key)
                 while len(self._entries) > self._max_entries:
                     self._entries.popitem(last=False)
