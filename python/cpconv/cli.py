@@ -167,12 +167,13 @@ def _add_inspect(sub) -> None:
     p.set_defaults(handler=_run_inspect, check=lambda args: _check_inspect(p, args))
 
 
-#: The method options of ``cpconv inspect`` (as for ``cpconv.select_rank``), and the required ones.
-_METHOD_OPTIONS = {"vbmf": ("prior", "sigma2"), "energy": ("energy",), "ratio": ("ratio",)}
+#: The method options ``cpconv inspect`` requires (the options themselves are ``cpconv.select_rank``'s).
 _REQUIRED_OPTIONS = {"vbmf": "prior", "ratio": "ratio"}
 
 
 def _check_inspect(parser, args) -> None:
+    from .rank_selection import _METHOD_OPTIONS
+
     method = args.method
     required = _REQUIRED_OPTIONS.get(method)
     if required and getattr(args, required) is None:
@@ -197,6 +198,8 @@ def _run_inspect(args) -> int:
         if len(input_shape) not in (3, 4) or min(input_shape) < 1:
             raise ValueError(f"--input-shape must look like 3,224,224 (C,H,W or B,C,H,W, sizes >= 1), "
                              f"got {args.input_shape!r}")
+    from .rank_selection import _METHOD_OPTIONS
+
     options = {o: getattr(args, o) for o in _METHOD_OPTIONS.get(args.method, ()) if getattr(args, o) is not None}
     result = inspect_model(args.model_file, input_shape=input_shape, method=args.method, combine=args.combine,
                            weakening=args.weakening, **options)
