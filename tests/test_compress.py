@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune
+from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune, load_compressed_state_dict
 from cpconv.compress import eligible_convs, trace_convs
 from cpconv.inspect_model import inspect_model
 from cpconv.rank_selection import RatioNotMetWarning
@@ -414,3 +414,76 @@ def test_inspect_marks_a_conv_subclass_with_its_own_forward_not_eligible():
         assert c.note.startswith("not eligible: a _") and "forward is not nn.Conv2d's" in c.note
     assert layers["0"].rank > 0 and layers["6"].rank > 0 and layers["6"].note == ""
     assert "note: 2: not eligible" in str(result)
+
+
+# ---------------------------------------------------------------------- reloading a compressed state_dict
+def _grouped_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, (3, 5), padding=(1, 2), groups=2),
+                         nn.ReLU(), nn.Conv2d(32, 8, 1, bias=False))
+
+
+def test_load_compressed_state_dict_rebuilds_the_compressed_model(tmp_path):
+    model = build_model()
+    compress(model, layers=["2", "4", "6"], progress=False, seed=0, max_iter=20)
+    model[4] = nn.Conv2d(24, 24, 3, padding=1)  # one layer back to dense: it must load as a dense conv
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = build_model(seed=1).eval()
+    replaced = load_compressed_state_dict(fresh, torch.load(tmp_path / "sd.pt"))
+    assert replaced == ["2", "6"]
+    assert [type(m) for m in fresh] == [type(m) for m in model]
+    assert [m.rank for m in (fresh[2], fresh[6])] == [model[2].rank, model[6].rank]
+    x = torch.randn(3, 3, 9, 11)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    # grouped, non-square kernel, no bias; the layers keep the fresh model's mode and trainability
+    model = _grouped_model()
+    model[2] = CPConv2d.from_conv(model[2], rank=6)
+    model[4] = CPConv2d.from_conv(model[4], rank=5)
+    fresh = _grouped_model(seed=3).train()
+    fresh[4].requires_grad_(False)
+    assert load_compressed_state_dict(fresh, model.state_dict()) == ["2", "4"]
+    assert fresh[2].training and fresh[4].bias is None and not fresh[4].in_factor.requires_grad
+    assert fresh[2].in_factor.requires_grad
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_load_compressed_state_dict_keeps_shared_convs_shared():
+    model = _Tied()
+    compress(model, progress=False, seed=0, max_iter=10, rank=4)
+    fresh = _Tied()
+    assert load_compressed_state_dict(fresh, model.state_dict()) == ["a", "b"]
+    assert fresh.a is fresh.b and isinstance(fresh.a, CPConv2d) and fresh.a.rank == 4
+
+
+def test_load_compressed_state_dict_errors_name_the_layer():
+    model = _grouped_model()
+    model[2] = CPConv2d.from_conv(model[2], rank=6)
+    sd = model.state_dict()
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        load_compressed_state_dict(_grouped_model(), [1, 2])
+    with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
+        load_compressed_state_dict({}, sd)
+    incomplete = {k: v for k, v in sd.items() if k != "2.vert_factor"}
+    fresh = _grouped_model()
+    with pytest.raises(ValueError, match=r"layer '2': state_dict has CP factors .* but not \['2.vert_factor'\]"):
+        load_compressed_state_dict(fresh, incomplete)
+    assert type(fresh[2]) is nn.Conv2d  # nothing replaced before the check
+    other = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=2))
+    with pytest.raises(ValueError, match=r"layer '2': the CP factors in state_dict .*'horz_factor': \(5, 6\).* do not fit"):
+        load_compressed_state_dict(other, sd)
+    assert type(other[2]) is nn.Conv2d
+    odd = dict(sd, **{k: torch.zeros(v.shape[0], 5) for k, v in sd.items() if k in ("2.in_factor",)})
+    with pytest.raises(ValueError, match="R a positive multiple of groups=2"):
+        load_compressed_state_dict(_grouped_model(), odd)
+    with pytest.raises(ValueError, match="model is itself an nn.Conv2d"):
+        load_compressed_state_dict(nn.Conv2d(16, 32, (3, 5), groups=2),
+                                   {k[2:]: v for k, v in sd.items() if k.startswith("2.")})
+    fresh = _grouped_model()
+    with pytest.raises(ValueError, match=r"(?s)loading the compressed state_dict failed: .*Unexpected key.*extra"):
+        load_compressed_state_dict(fresh, dict(sd, extra=torch.zeros(1)))
+    assert type(fresh[2]) is nn.Conv2d  # the structure as it was
+    fresh = _grouped_model()
+    load_compressed_state_dict(fresh, dict(sd, extra=torch.zeros(1)), strict=False)
+    assert isinstance(fresh[2], CPConv2d)

@@ -15,7 +15,7 @@ from .rank_selection import RankSelection, RatioNotMetWarning, max_cp_rank, sele
 from .reference import cp_conv2d_reference
 from .vbmf import VBMFResult, evbmf, evbmf_tau_bar, vbmf
 from .checkpoint import CheckpointError
-from .compress import compress
+from .compress import compress, load_compressed_state_dict
 from .finetune import accuracy, finetune
 from .latency import LatencyStats, measure_latency
 from .report import CompressionReport, LayerReport
@@ -39,6 +39,7 @@ __all__ = [
     "vbmf",
     "__version__",
     "compress",
+    "load_compressed_state_dict",
     "CompressionReport",
     "LayerReport",
     "CheckpointError",

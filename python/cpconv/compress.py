@@ -12,7 +12,7 @@ import math
 import numbers
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .decompose import CP_ALS_OPTIONS
 from .rank_selection import COMBINE_RULES, RatioNotMetWarning, check_rank_options, ratio_shortfall, select_rank
 from .report import CompressionReport, LayerReport
 
-__all__ = ["compress", "eligible_convs", "ineligible_reason", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
+__all__ = ["compress", "load_compressed_state_dict", "eligible_convs", "ineligible_reason", "trace_convs", "SCHEDULES", "ALS_OPTIONS"]
 
 SCHEDULES = ("iterative", "static", "uniform")
 #: Keyword arguments of ``compress`` passed to the CP-ALS solver (``CPConv2d.from_conv``); every other
@@ -561,21 +561,116 @@ def _restore(model: nn.Module, state: CheckpointState, settings: Dict[str, Any],
         if not isinstance(conv, nn.Conv2d) or tuple(conv.weight.shape) != tuple(record.kernel_shape):
             raise ValueError(f"the model does not match checkpoint folder {directory!r}: layer {record.name!r} "
                              f"should be an nn.Conv2d with kernel {tuple(record.kernel_shape)}, got {conv!r}")
-        layer = CPConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, record.rank, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                         device=conv.weight.device, dtype=conv.weight.dtype)
-        layer.train(conv.training)
-        for factor in layer.factors:  # as from_conv: a frozen conv stays frozen
-            factor.requires_grad_(conv.weight.requires_grad)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(conv.bias.requires_grad)
+        layer = _replace_by_empty_cp(model, conv, record.rank)
         layer.decomposition_info = {"rel_error": record.rel_error, "rank_selection": record.selection}
-        for alias in _aliases(model, conv):
-            model.set_submodule(alias, layer)
     try:
         model.load_state_dict(state.model_state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"the model does not match checkpoint folder {directory!r}: {exc}") from None
     restore_rng_state(state.rng_state)
     return report
+
+
+def _replace_by_empty_cp(model: nn.Module, conv: nn.Conv2d, rank: int) -> CPConv2d:
+    """Put a CPConv2d of ``conv``'s geometry and the given rank (factors to be loaded) under every name
+    of ``conv`` in ``model``; it keeps the conv's device, dtype, mode and requires_grad flags."""
+    layer = CPConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+    layer.train(conv.training)
+    for factor in layer.factors:  # as from_conv: a frozen conv stays frozen
+        factor.requires_grad_(conv.weight.requires_grad)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(conv.bias.requires_grad)
+    for alias in _aliases(model, conv):
+        model.set_submodule(alias, layer)
+    return layer
+
+
+_FACTOR_NAMES = ("out_factor", "in_factor", "vert_factor", "horz_factor")
+
+
+def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                               strict: bool = True) -> List[str]:
+    """Load the ``state_dict`` of a compressed model into a freshly built *dense* model.
+
+    For deployment code that rebuilds the original architecture (``model = MyNet()``) and has only
+    the compressed model's ``state_dict()`` (not the pickled module): every ``nn.Conv2d`` of ``model``
+    whose name has CP factors in ``state_dict`` (``<name>.in_factor``, ``.out_factor``,
+    ``.vert_factor``, ``.horz_factor``) is replaced by a :class:`~cpconv.CPConv2d` of the same geometry
+    and of the rank those factors have, then ``model.load_state_dict(state_dict, strict=strict)``
+    runs. Layers that were left dense load as they are. A conv shared under several names is replaced
+    under all of them. The model is modified in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture that was compressed, as built before compression (its convs' weights are
+        overwritten). Convs that are already ``CPConv2d`` layers are left in place.
+    state_dict : mapping of str to Tensor
+        ``compressed_model.state_dict()``, e.g. from ``torch.load(path)`` (weights only).
+    strict : bool
+        Passed to ``load_state_dict``.
+
+    Returns
+    -------
+    list of str
+        The names of the convs replaced by CP layers (every name of a shared conv), in module order.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module`` or ``state_dict`` is not a mapping.
+    ValueError
+        A layer's factors are incomplete, or their shapes do not fit the conv of that name (the
+        message names the layer, the expected and the found shapes): raised before the model is
+        touched. Or ``load_state_dict`` fails (its message is kept): the replaced convs are put back,
+        though, as with ``load_state_dict`` itself, tensors that matched may have been copied.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
+    planned = []
+    for name, conv in model.named_modules():
+        if isinstance(conv, CPConv2d) or not isinstance(conv, nn.Conv2d):
+            continue
+        prefix = f"{name}." if name else ""
+        present = [f for f in _FACTOR_NAMES if prefix + f in state_dict]
+        if not present:
+            continue
+        if len(present) != len(_FACTOR_NAMES):
+            missing = [prefix + f for f in _FACTOR_NAMES if f not in present]
+            raise ValueError(f"layer {name!r}: state_dict has CP factors {[prefix + f for f in present]} but "
+                             f"not {missing}")
+        if _own_forward(conv):
+            raise ValueError(f"layer {name!r} has CP factors in state_dict but the model's conv is "
+                             f"{ineligible_reason(conv)}")
+        if not name:
+            raise ValueError("model is itself an nn.Conv2d and cannot be replaced in place; build the layer with "
+                             "CPConv2d(...) and call its load_state_dict")
+        shapes = {f: tuple(getattr(state_dict[prefix + f], "shape", ())) for f in _FACTOR_NAMES}
+        rank = shapes["in_factor"][1] if len(shapes["in_factor"]) == 2 else 0
+        g = conv.groups
+        kh, kw = conv.kernel_size
+        expected = {"out_factor": (conv.out_channels, rank // g), "in_factor": (conv.in_channels // g, rank),
+                    "vert_factor": (kh, rank), "horz_factor": (kw, rank)}
+        if rank < 1 or rank % g or shapes != expected:
+            raise ValueError(
+                f"layer {name!r}: the CP factors in state_dict {shapes} do not fit the model's conv {conv!r} "
+                f"(a rank-R layer needs {{'out_factor': (N, R/groups), 'in_factor': (C/groups, R), "
+                f"'vert_factor': (kh, R), 'horz_factor': (kw, R)}}, R a positive multiple of groups={g})")
+        planned.append((name, conv, rank))
+    replaced = []
+    for name, conv, rank in planned:  # (named_modules lists a shared conv once)
+        aliases = _aliases(model, conv)
+        _replace_by_empty_cp(model, conv, rank)
+        replaced += [(alias, conv) for alias in aliases]
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as exc:
+        for alias, conv in replaced:  # the model's structure as it was
+            model.set_submodule(alias, conv)
+        raise ValueError(f"loading the compressed state_dict failed: {exc}") from None
+    return [alias for alias, _ in replaced]

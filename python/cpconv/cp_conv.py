@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -533,7 +534,14 @@ class CPConv2d(nn.Module):
                 return y
         if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the four torch stages
             return self._forward_stages(x)
-        self._check_input(x)
+        if torch.jit.is_tracing():
+            # Traced sizes compare as tensors (a TracerWarning each, e.g. in ONNX export with dynamic
+            # axes); these checks only raise, they do not shape the recorded graph.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                self._check_input(x)
+        else:
+            self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
