@@ -1,6 +1,7 @@
 """CPConv2d.from_conv: planted low-CP-rank kernels recovered over many geometries, 1x1 convs by SVD,
 decomposition_info, and bad input."""
 
+import copy
 import json
 import warnings
 
@@ -250,3 +251,68 @@ def test_frozen_conv_gives_frozen_factors(kernel):
     assert not any(p.requires_grad for p in CPConv2d.from_conv(conv, rank=2, seed=0).parameters())
     conv.requires_grad_(True)
     assert all(p.requires_grad for p in CPConv2d.from_conv(conv, rank=2, seed=0).parameters())
+
+
+# ---------------------------------------------------------------------- stabilised CP-ALS (l2_reg="auto")
+@pytest.fixture(scope="module")
+def trained_conv():
+    """conv4 of a small AlexNet-style CNN trained on real MNIST digits (about a second)."""
+    from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
+    from cpconv.demo.digits import load_digits, stratified_split
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images, labels = load_digits()
+    train_idx, _ = stratified_split(labels, seed=0)
+    train_idx = torch.cat([train_idx[labels[train_idx] == c][:40] for c in range(10)])
+    torch.manual_seed(0)
+    model = MnistAlexNet(AlexNetConfig(channels=(8, 16, 32, 32, 24), hidden=32))
+    train_dense(model, images[train_idx], labels[train_idx], epochs=5, batch_size=32, lr=3e-3, seed=0,
+                progress=False)
+    torch.set_num_threads(threads)
+    return model.features.conv4
+
+
+def _low_precision_error(layer, conv, dtype):
+    """Relative error of the layer run in ``dtype`` against itself in float64 (and the same for the dense conv)."""
+    x = torch.randn(2, conv.in_channels, 9, 9, generator=torch.Generator().manual_seed(0))
+    out = []
+    for module in (layer, conv):
+        with torch.no_grad():
+            ref = copy.deepcopy(module).double()(x.double())
+            low = copy.deepcopy(module).to(dtype)(x.to(dtype)).double()
+        out.append(float((low - ref).norm() / ref.norm()))
+    return out
+
+
+def test_default_cp_als_keeps_trained_kernels_well_conditioned(trained_conv):
+    """On trained kernels plain CP-ALS tends to cancelling components; the default ridge + polish does not,
+    at the same CP error, and the layer stays usable in bfloat16."""
+    for rank in (6, 12):
+        stable = CPConv2d.from_conv(trained_conv, rank=rank, seed=0)
+        plain = CPConv2d.from_conv(trained_conv, rank=rank, seed=0, l2_reg=0.0)
+        info, plain_info = stable.decomposition_info, plain.decomposition_info
+        assert info["cp_als_options"] == {"seed": 0}
+        assert info["degeneracy"] < 3.0, info
+        assert info["rel_error"] <= plain_info["rel_error"] + 0.005
+        layer_err, dense_err = _low_precision_error(stable, trained_conv, torch.bfloat16)
+        assert layer_err < 5 * dense_err + 0.01, (layer_err, dense_err)
+
+
+def test_default_cp_als_still_recovers_exact_kernels():
+    conv = planted_conv(12, 16, 3, 5, padding=1, dtype=torch.float64)
+    layer = CPConv2d.from_conv(conv, rank=5, seed=0)
+    assert layer.decomposition_info["rel_error"] < 1e-6  # the polish removes the ridge's bias (~1e-3)
+    ridge_only = CPConv2d.from_conv(conv, rank=5, seed=0, l2_reg=1e-3)
+    assert ridge_only.decomposition_info["rel_error"] > 1e-4
+
+
+@pytest.mark.parametrize("value, exc, match", [
+    ("none", ValueError, "l2_reg must be 'auto' or a number >= 0, got 'none'"),
+    (-1.0, ValueError, "l2_reg must be"),
+])
+def test_bad_l2_reg(value, exc, match):
+    with pytest.raises(exc, match=match):
+        CPConv2d.from_conv(planted_conv(4, 4, 3, 2), rank=2, l2_reg=value)
+    with pytest.raises(exc, match=match):
+        cpconv.compress(nn.Sequential(planted_conv(4, 4, 3, 2)), rank=2, l2_reg=value, progress=False)

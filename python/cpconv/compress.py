@@ -19,9 +19,8 @@ from torch import nn
 
 from .checkpoint import CheckpointState, CompressionCheckpoint, CheckpointError, capture_rng_state, restore_rng_state
 from .conv_args import ConvGeometry
-from .cp_als import check_cp_als_options
 from .cp_conv import CPConv2d
-from .decompose import CP_ALS_OPTIONS
+from .decompose import CP_ALS_OPTIONS, check_als_options
 from .rank_selection import COMBINE_RULES, RatioNotMetWarning, check_rank_options, ratio_shortfall, select_rank
 from .report import CompressionReport, LayerReport
 
@@ -312,8 +311,10 @@ def compress(
         it gets that rank and a ``RatioNotMetWarning`` (a ``UserWarning``) naming the layer, the
         requested and the achieved ratio.
     **als_options
-        ``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg`` go to CP-ALS; any other
-        keyword (``min_rank``, ``max_rank``, ``multiple_of``, method options) to ``select_rank``.
+        ``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg`` go to CP-ALS (as in
+        :meth:`CPConv2d.from_conv`: ``l2_reg="auto"`` by default, a ridge against degenerate components
+        followed by plain iterations); any other keyword (``min_rank``, ``max_rank``, ``multiple_of``,
+        method options) to ``select_rank``.
         ``seed=None`` (default) draws each layer's CP-ALS seed from torch's global RNG: seed torch
         (``torch.manual_seed``) for a reproducible run; a resumed run restores that RNG's state.
 
@@ -383,7 +384,7 @@ def compress(
     modules = dict(model.named_modules(remove_duplicate=False))
     # Everything that can fail for a layer without looking at its fine-tuned weights is checked for every
     # layer now, before the first one is touched (not after earlier layers were replaced and fine-tuned).
-    check_cp_als_options(**als_kwargs)
+    check_als_options(**als_kwargs)
     for n in names:
         method, kwargs = _selection_args(rank, combine, weakening, schedule, ratio, selection_kwargs)
         try:
