@@ -13,30 +13,18 @@ from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune, lo
 from cpconv.compress import eligible_convs, trace_convs
 from cpconv.inspect_model import inspect_model
 from cpconv.rank_selection import RatioNotMetWarning
-from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
-from cpconv.demo.digits import load_digits, stratified_split
 
 from compress_worker import build_model, planted_conv
-
-SMALL = AlexNetConfig(channels=(8, 16, 32, 32, 24), hidden=32)
+from mnist_model import small_trained_alexnet
 
 
 @pytest.fixture(scope="module")
 def mnist():
-    """A few hundred real digits and a small AlexNet-style CNN trained on them (seconds)."""
+    """A few hundred real digits and a small AlexNet-style CNN trained on them (seconds); the module's
+    tests run on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    images, labels = load_digits()
-    train_idx, test_idx = stratified_split(labels, seed=0)
-    train_idx = torch.cat([train_idx[labels[train_idx] == c][:40] for c in range(10)])
-    test_idx = torch.cat([test_idx[labels[test_idx] == c][:15] for c in range(10)])
-    torch.manual_seed(0)
-    model = MnistAlexNet(SMALL)
-    train_dense(model, images[train_idx], labels[train_idx], epochs=5, batch_size=32, lr=3e-3, seed=0,
-                progress=False)
-    train = torch.utils.data.TensorDataset(images[train_idx], labels[train_idx])
-    test = torch.utils.data.TensorDataset(images[test_idx], labels[test_idx])
-    yield model, train, test
+    yield small_trained_alexnet()
     torch.set_num_threads(threads)
 
 

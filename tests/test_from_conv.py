@@ -257,20 +257,9 @@ def test_frozen_conv_gives_frozen_factors(kernel):
 @pytest.fixture(scope="module")
 def trained_conv():
     """conv4 of a small AlexNet-style CNN trained on real MNIST digits (about a second)."""
-    from cpconv.demo.alexnet import AlexNetConfig, MnistAlexNet, train_dense
-    from cpconv.demo.digits import load_digits, stratified_split
+    from mnist_model import small_trained_alexnet
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    images, labels = load_digits()
-    train_idx, _ = stratified_split(labels, seed=0)
-    train_idx = torch.cat([train_idx[labels[train_idx] == c][:40] for c in range(10)])
-    torch.manual_seed(0)
-    model = MnistAlexNet(AlexNetConfig(channels=(8, 16, 32, 32, 24), hidden=32))
-    train_dense(model, images[train_idx], labels[train_idx], epochs=5, batch_size=32, lr=3e-3, seed=0,
-                progress=False)
-    torch.set_num_threads(threads)
-    return model.features.conv4
+    return small_trained_alexnet()[0].features.conv4
 
 
 def _low_precision_error(layer, conv, dtype):
