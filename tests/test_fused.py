@@ -647,6 +647,12 @@ def test_torch_export_sees_one_op():
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("cpconv.cp_conv2d.default") == 1, targets
     assert relative_error(program.module()(x), expected) <= TOLERANCE
+    # inside fused_disabled() the program holds only PyTorch's ops (it runs without cpconv)
+    with torch.no_grad(), fused.fused_disabled():
+        program = torch.export.export(layer, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not any("cpconv" in t for t in targets) and "aten.conv2d.default" in targets, targets
+    assert relative_error(program.module()(x), expected) <= TOLERANCE
 
 
 # torch's own deprecation of TorchScript, and its tracer's notes on the shape checks of forward().
@@ -662,6 +668,51 @@ def test_jit_trace_keeps_the_torch_stages():
         assert relative_error(traced(other), layer(other)) <= TOLERANCE  # not a constant
     assert "cpconv::cp_conv2d" not in str(traced.graph) and "aten::_convolution" in str(traced.graph)
     assert relative_error(traced(x), expected) <= TOLERANCE
+
+
+# torch's own deprecation of TorchScript.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("geometry", [
+    dict(padding=1),
+    dict(padding=2, padding_mode="reflect", dilation=(2, 1)),
+    dict(padding="same", dilation=2, bias=False),
+    dict(padding=(1, 2), padding_mode="circular", stride=(1, 2), groups=2),
+    dict(stride=2, padding="valid"),
+], ids=str)
+def test_jit_script_compiles_the_torch_stages(geometry, tmp_path):
+    torch.manual_seed(0)
+    kernel = (3, 5) if geometry.get("padding_mode") == "circular" else 3
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                CPConv2d(8, 12, kernel, rank=6, **geometry), torch.nn.ReLU(),
+                                CPConv2d(12, 4, 1, rank=2)).eval()
+    scripted = torch.jit.script(model)
+    assert all(type(m) is CPConv2d for m in (model[2], model[4]))  # the eager model is left as it was
+    x = torch.randn(2, 3, 15, 17)
+    with torch.no_grad():
+        with fused.fused_disabled():
+            expected = model(x)
+        assert relative_error(scripted(x), expected) <= TOLERANCE
+        assert relative_error(scripted(x[0]), expected[0]) <= TOLERANCE  # unbatched
+        assert relative_error(model(x), expected) <= TOLERANCE and model[2]._fused_plan is not None  # still fused
+    torch.jit.save(scripted, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    with torch.no_grad():
+        assert relative_error(loaded(x), expected) <= TOLERANCE
+    assert "cpconv" not in loaded.code and "cpconv" not in getattr(loaded, "2").code
+    with pytest.raises(torch.jit.Error, match="CPConv2d expects 8 input channels, got 5"):
+        torch.jit.script(model[2])(torch.randn(1, 5, 9, 9))
+    with pytest.raises(torch.jit.Error, match="4-D .* or 3-D"):
+        torch.jit.script(model[2])(torch.randn(9, 9))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_script_refuses_parametrized_factors_clearly():
+    layer = make_layer()
+    torch.nn.utils.prune.l1_unstructured(layer, "in_factor", amount=0.5)
+    with pytest.raises(RuntimeError, match="in_factor is parametrized or pruned.*prune.remove"):
+        torch.jit.script(layer)
+    torch.nn.utils.prune.remove(layer, "in_factor")
+    torch.jit.script(layer)
 
 
 def test_single_openmp_runtime_loaded():

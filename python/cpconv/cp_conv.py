@@ -75,6 +75,18 @@ def _parameter_state(U, S, Y, X, bias) -> tuple:
             Y.data_ptr(), X.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
 
 
+def _four_stages(x: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, X: torch.Tensor, U: torch.Tensor,
+                 bias: Optional[torch.Tensor], groups: int, r: int, kh: int, kw: int, sh: int, sw: int, dh: int,
+                 dw: int, ph: int, pw: int) -> torch.Tensor:
+    """The four CP stages with torch's convolutions on a batched, already pre-padded input (autograd, any
+    device and dtype; TorchScript-compatible: ``torch.jit.script`` compiles it too). The sizes come as
+    ints so that tracers (jit.trace, fx, ONNX export) record constants, not size queries."""
+    x = F.conv2d(x, S.t().reshape(r, -1, 1, 1), groups=groups)
+    x = F.conv2d(x, Y.t().reshape(r, 1, kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=r)
+    x = F.conv2d(x, X.t().reshape(r, 1, 1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=r)
+    return F.conv2d(x, U.reshape(-1, r // groups, 1, 1), bias, groups=groups)
+
+
 class CPConv2d(nn.Module):
     """A 2-D convolution whose kernel is a rank-``rank`` CP decomposition, run as four stages.
 
@@ -104,7 +116,10 @@ class CPConv2d(nn.Module):
     # attribute once set (never pickled or copied deeply: see __getstate__); checked against the
     # parameters' identity, versions and pointers on every call, dropped by a training forward,
     # train()/eval() and geometry changes (see _drop_packed_weights).
-    _fused_plan: Optional[tuple] = None
+    _fused_plan = None  # (no annotation: torch.jit.script would try to read it as a TorchScript type)
+    # torch.jit.script compiles forward's scripted branch only (_forward_scripted, over the attributes
+    # __prepare_scriptable__ sets); these Python properties are not part of it.
+    __jit_unused_properties__ = ["stride", "padding", "dilation", "padding_mode", "fused_threads", "factors"]
 
     def __init__(
         self,
@@ -132,7 +147,8 @@ class CPConv2d(nn.Module):
         self.groups = geometry.groups
         self._geometry = geometry  # stride, padding, dilation, padding_mode: properties over it
         # Filled by ``from_conv`` (rank selection details, CP error); ``None`` for a layer built by hand.
-        self.decomposition_info: Optional[dict] = None
+        # (an Optional[dict]; not annotated here, which torch.jit.script would warn about)
+        self.decomposition_info = None
 
         kw = dict(device=device, dtype=dtype)
         g, r = self.groups, self.rank
@@ -384,16 +400,9 @@ class CPConv2d(nn.Module):
         pre_pad, (ph, pw) = self._stage_padding()
         if pre_pad is not None:
             x = F.pad(x, pre_pad, mode=_PAD_MODE[self.padding_mode])
-        r, g = self.rank, self.groups
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        dh, dw = self.dilation
-        x = F.conv2d(x, self.in_factor.t().reshape(r, self.in_channels // g, 1, 1), groups=g)
-        x = F.conv2d(x, self.vert_factor.t().reshape(r, 1, kh, 1), stride=(sh, 1), padding=(ph, 0),
-                     dilation=(dh, 1), groups=r)
-        x = F.conv2d(x, self.horz_factor.t().reshape(r, 1, 1, kw), stride=(1, sw), padding=(0, pw),
-                     dilation=(1, dw), groups=r)
-        return F.conv2d(x, self.out_factor.reshape(self.out_channels, r // g, 1, 1), self.bias, groups=g)
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        return _four_stages(x, self.in_factor, self.vert_factor, self.horz_factor, self.out_factor, self.bias,
+                            self.groups, self.rank, *self.kernel_size, sh, sw, dh, dw, ph, pw)
 
     def _fused_applicable(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` runs the fused CPU kernel: CPU float32 and no gradient needed."""
@@ -526,6 +535,8 @@ class CPConv2d(nn.Module):
         next call repack; after changing a factor in place through ``.data`` (which torch does not
         record) call :func:`cpconv.fused.clear_packed_weights_cache`.
         """
+        if torch.jit.is_scripting():  # (a compile-time constant: TorchScript compiles only this branch)
+            return self._forward_scripted(x)
         plan = self._fused_plan
         if (plan is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing()):
@@ -549,6 +560,40 @@ class CPConv2d(nn.Module):
             y = self._forward_fused(x)
         else:
             y = self._forward_stages(x)
+        return y.squeeze(0) if unbatched else y
+
+    def __prepare_scriptable__(self) -> "CPConv2d":
+        """Called by ``torch.jit.script``: record the geometry as TorchScript-typed attributes for
+        :meth:`_forward_scripted` (the scripted module runs the four PyTorch stages)."""
+        for name in _FACTOR_NAMES + ("bias",):
+            if getattr(self, name) is not self._parameters.get(name):
+                raise RuntimeError(f"torch.jit.script cannot compile a CPConv2d whose {name} is parametrized or "
+                                   "pruned; remove the parametrization (e.g. torch.nn.utils.prune.remove) first, "
+                                   "or use torch.jit.trace, torch.compile or torch.export")
+        pre_pad, (ph, pw) = self._stage_padding()
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        self._jit_geometry = (sh, sw, dh, dw, ph, pw)
+        self._jit_pre_pad = list(pre_pad) if pre_pad is not None else [0, 0, 0, 0]
+        self._jit_pad_mode = "" if pre_pad is None else _PAD_MODE[self.padding_mode]
+        return self
+
+    def _forward_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` as TorchScript compiles it: the four PyTorch stages (what ``torch.jit.trace``
+        records), with the input checks."""
+        if x.dim() != 3 and x.dim() != 4:
+            raise ValueError("CPConv2d expects a 4-D (N, C, H, W) or 3-D (C, H, W) input, got {} dimensions"
+                             .format(x.dim()))
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.size(1) != self.in_channels:
+            raise ValueError("CPConv2d expects {} input channels, got {}".format(self.in_channels, x.size(1)))
+        sh, sw, dh, dw, ph, pw = self._jit_geometry
+        if self._jit_pad_mode != "":
+            x = F.pad(x, self._jit_pre_pad, mode=self._jit_pad_mode)
+        kh, kw = self.kernel_size
+        y = _four_stages(x, self.in_factor, self.vert_factor, self.horz_factor, self.out_factor, self.bias,
+                         self.groups, self.rank, kh, kw, sh, sw, dh, dw, ph, pw)
         return y.squeeze(0) if unbatched else y
 
     def train(self, mode: bool = True) -> "CPConv2d":
