@@ -102,6 +102,29 @@ def test_report_save_load(tmp_path):
         CompressionReport.load(tmp_path / "other.json")
 
 
+def test_report_names_the_convs_it_leaves_alone(tmp_path):
+    class Std(nn.Conv2d):  # a conv with its own forward: never compressed
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 1),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 16, 1), Std(16, 16, 3),
+                          nn.Conv2d(16, 8, 3))
+    report = compress(model, rank=4, layers=["1", "3"], progress=False, seed=0)
+    assert list(report.skipped) == ["0", "2", "4", "5"]
+    assert "one input channel per group" in report.skipped["0"] and "one input channel" in report.skipped["2"]
+    assert "own forward" in report.skipped["4"] or "overrides" in report.skipped["4"]
+    assert report.skipped["5"] == "not named in layers="
+    table = str(report)
+    assert all(f"note: {n} not processed: " in table for n in report.skipped)
+    report.save(tmp_path / "r.json")
+    assert CompressionReport.load(tmp_path / "r.json").skipped == report.skipped
+    data = report.to_dict()
+    del data["skipped"]  # a report written before the field existed
+    assert CompressionReport.from_dict(data).skipped == {}
+
+
 def _singular_values(weight, mode):
     w = weight.detach().double()
     mat = w.reshape(w.shape[0], -1) if mode == "output" else w.transpose(0, 1).reshape(w.shape[1], -1)

@@ -14,6 +14,9 @@ import io
 import pickle
 import random
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -713,6 +716,39 @@ def test_jit_script_refuses_parametrized_factors_clearly():
         torch.jit.script(layer)
     torch.nn.utils.prune.remove(layer, "in_factor")
     torch.jit.script(layer)
+
+
+def test_forked_child_runs_the_kernel_on_one_thread():
+    """libgomp cannot start a multi-threaded region in a child forked after the parent ran one: the
+    kernel must not hang there (it runs single-threaded in a forked child)."""
+    script = textwrap.dedent("""
+        import multiprocessing as mp, sys, torch, cpconv
+        torch.set_num_threads(1)
+        layer = cpconv.CPConv2d(16, 16, 3, rank=8, padding=1).eval()
+        layer.fused_threads = 2
+        x = torch.randn(3, 16, 20, 20)
+        with torch.no_grad():
+            expected = layer(x)  # the parent's OpenMP pool now has a second thread
+
+        def child(queue):
+            with torch.no_grad():
+                queue.put(float((layer(x) - expected).abs().max()))
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("fork")
+            queue = ctx.Queue()
+            p = ctx.Process(target=child, args=(queue,))
+            p.start()
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+                sys.exit("the forked child hung")
+            print(queue.get(timeout=5), p.exitcode)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    difference, exitcode = out.stdout.split()
+    assert float(difference) < 1e-5 and exitcode == "0"
 
 
 def test_single_openmp_runtime_loaded():

@@ -1,7 +1,10 @@
 // Packing, instruction-set selection and the per-call set-up of the fused kernel (baseline flags).
 #include "fused/cp_conv_fused.h"
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -24,7 +27,17 @@ constexpr int64_t kMinBandColumns = 192;
 // One image on several threads is split by channels when its whole R-channel buffers fit this
 // much per thread.
 constexpr int64_t kSplitBytesPerThread = int64_t(768) << 10;
+
+// GNU libgomp is not fork-safe: in a child forked after the parent ran a parallel region with
+// several threads, a new multi-threaded region waits forever for the parent's pool threads, which
+// the child does not have. In a forked child the kernel therefore runs on the calling thread only.
+std::atomic<bool> g_forked_child{false};
+const bool g_atfork_registered = [] {
+    return pthread_atfork(nullptr, nullptr, [] { g_forked_child.store(true, std::memory_order_relaxed); }) == 0;
+}();
 }  // namespace
+
+bool in_forked_child() { return g_forked_child.load(std::memory_order_relaxed); }
 
 int64_t PackedWeights::stage1_group_floats() const {
     return round_up(rank / groups, kPanelRows) * (in_channels / groups);
@@ -129,6 +142,7 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     require(isa_supported(isa), std::string("instruction set ") + isa_name(isa) + " is not supported by this CPU");
     const int64_t OH = s.out_height(), W = s.width, OW = s.out_width();
     const int64_t Rg = s.rank / s.groups;
+    if (in_forked_child()) threads = 1;  // (see g_forked_child)
 
     // Work items: batch x row chunks; split the rows only when the batch alone cannot keep the
     // threads evenly busy (every chunk boundary recomputes a few stage-1 rows).

@@ -74,8 +74,13 @@ void f32_cpconv_fused__generic(const FusedProblem& p);
 void f32_cpconv_fused__avx2(const FusedProblem& p);
 void f32_cpconv_fused__avx512(const FusedProblem& p);
 
-// Runs the fused kernel: y = CPConv(x) with zero padding. threads >= 1. Allocates the per-thread band
-// buffers (reused across calls from the same calling thread). If stage_seconds is not null it
+// True in a process forked from the one that loaded the extension (after fork(), libgomp cannot
+// start multi-threaded regions safely).
+bool in_forked_child();
+
+// Runs the fused kernel: y = CPConv(x) with zero padding. threads >= 1 (1 in a forked child, see
+// in_forked_child). Allocates the per-thread band buffers (reused across calls from the same calling
+// thread). If stage_seconds is not null it
 // receives 4 sums over threads of thread CPU seconds measured inside the kernel: stage 1,
 // stages 2+3 (timed together), 0, stage 4.
 void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, float* y, int threads, Isa isa,

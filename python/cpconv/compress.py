@@ -382,6 +382,9 @@ def compress(
         order, sizes = trace_convs(model, input_shape)
     names = _resolve_layers(model, layers, order)
     modules = dict(model.named_modules(remove_duplicate=False))
+    planned = {id(modules[n]) for n in names}
+    skipped = {n: ineligible_reason(m) or "not named in layers=" for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and id(m) not in planned}
     # Everything that can fail for a layer without looking at its fine-tuned weights is checked for every
     # layer now, before the first one is touched (not after earlier layers were replaced and fine-tuned).
     check_als_options(**als_kwargs)
@@ -404,8 +407,9 @@ def compress(
 
     if state is not None:
         report = _restore(model, state, settings, checkpoint.directory)
+        report.skipped = skipped
     else:
-        report = CompressionReport(settings=dict(settings), planned_layers=list(names),
+        report = CompressionReport(settings=dict(settings), planned_layers=list(names), skipped=skipped,
                                    model_params_before=_param_count(model),
                                    conv_flops_before=_model_conv_flops(model, sizes))
         if evaluate is not None:

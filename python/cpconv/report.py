@@ -117,6 +117,9 @@ class CompressionReport:
         Finished layers, in the order they were processed.
     planned_layers
         Names of every layer the run was asked to process, in order.
+    skipped
+        ``{name: why}`` for the model's other ``nn.Conv2d`` layers, which the run leaves as they are
+        (one input channel per group, a subclass with its own forward, not named in ``layers=``).
     metric_before
         ``evaluate(model)`` on the dense model, or ``None``.
     model_params_before, model_params_after
@@ -129,6 +132,7 @@ class CompressionReport:
     settings: Dict[str, Any]
     layers: List[LayerReport] = dataclasses.field(default_factory=list)
     planned_layers: List[str] = dataclasses.field(default_factory=list)
+    skipped: Dict[str, str] = dataclasses.field(default_factory=dict)
     metric_before: Optional[float] = None
     model_params_before: int = 0
     model_params_after: int = 0
@@ -192,6 +196,7 @@ class CompressionReport:
             "version": REPORT_VERSION,
             "settings": self.settings,
             "planned_layers": list(self.planned_layers),
+            "skipped": dict(self.skipped),
             "layers": [layer.to_dict() for layer in self.layers],
             "metric_before": self.metric_before,
             "model_params_before": self.model_params_before,
@@ -220,6 +225,7 @@ class CompressionReport:
                 settings=dict(data["settings"]),
                 layers=[LayerReport.from_dict(d) for d in data["layers"]],
                 planned_layers=list(data["planned_layers"]),
+                skipped=dict(data.get("skipped", {})),  # (absent from reports of earlier versions)
                 metric_before=_float(data["metric_before"]),
                 model_params_before=int(data["model_params_before"]),
                 model_params_after=int(data["model_params_after"]),
@@ -292,6 +298,8 @@ class CompressionReport:
         dense = [layer for layer in self.layers if layer.status != "compressed"]
         for layer in dense:
             out.append(f"note: {layer.name} left dense: {layer.reason}")
+        for name, why in self.skipped.items():
+            out.append(f"note: {name} not processed: {why}")
         return "\n".join(out)
 
     def __str__(self) -> str:
