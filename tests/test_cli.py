@@ -104,6 +104,19 @@ def test_inspect_bad_files(tmp_path, capsys):
     assert "--input-shape must look like" in capsys.readouterr().err
 
 
+# torch's own deprecation of TorchScript
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_inspect_names_deployment_archives(tmp_path, capsys):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    torch.jit.save(torch.jit.trace(model, x), tmp_path / "traced.pt")
+    assert main(["inspect", str(tmp_path / "traced.pt")]) == 2
+    assert "is a TorchScript archive" in capsys.readouterr().err
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "exported.pt2")
+    assert main(["inspect", str(tmp_path / "exported.pt2")]) == 2
+    assert "is a torch.export archive" in capsys.readouterr().err
+
+
 def test_demo_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--schedule", "greedy"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -88,15 +89,28 @@ def load_model_file(path: "os.PathLike | str") -> nn.Module:
     FileNotFoundError
         No such file.
     ValueError
-        The file is not a torch file, or holds a ``state_dict`` or another object instead of a model.
+        The file is not a torch file, is a TorchScript or ``torch.export`` archive, or holds a
+        ``state_dict`` or another object instead of a model.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such model file: {path!r}")
+    wanted = "inspect reads an eager model saved with torch.save(model)"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+            raise ValueError(f"{path!r} is a torch.export archive (torch.export.save), not a pickled model; {wanted}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch.load's note that it hands a TorchScript archive to torch.jit.load
+            warnings.filterwarnings("ignore", message="'torch.load' received a zip file that looks like a TorchScript",
+                                    category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 -- any unpickling failure is reported the same way
         raise ValueError(f"{path!r} could not be loaded with torch.load: {exc}") from None
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise ValueError(f"{path!r} is a TorchScript archive (torch.jit.save of a traced or scripted model), whose "
+                         f"layers are compiled code, not nn.Conv2d modules; {wanted}")
     if isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a dict (a state_dict?), not a model; save the whole model with "
                          "torch.save(model) to inspect it")
