@@ -1,6 +1,7 @@
 """CPConv2d against independent references: nn.Conv2d / F.conv2d with a kernel rebuilt in the test."""
 
 import contextlib
+import copy
 import io
 import math
 
@@ -332,3 +333,64 @@ def test_integer_arguments_accept_index_types_but_not_bool():
     assert built.groups == 2 and built.in_channels == 4
     with pytest.raises(ValueError, match="groups must be an int"):
         CPConv2d.from_factors(factors, groups=True)
+
+
+# ---------------------------------------------------------------------- folding a following BatchNorm
+def _trained_bn(features, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(features, affine=affine, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(features, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(features, generator=g, dtype=torch.float64) * 3 + 0.05)
+        if affine:
+            bn.weight.copy_(torch.randn(features, generator=g, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(features, generator=g, dtype=torch.float64))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, padding=1, bias=True),
+    dict(kernel_size=(3, 5), stride=2, padding="valid", bias=False, groups=2),
+    dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect", bias=True, groups=4),
+], ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_batchnorm_matches_conv_then_bn(geometry, affine):
+    torch.manual_seed(0)
+    layer = CPConv2d(8, 12, rank=8, dtype=torch.float64, **geometry).eval()
+    bn = _trained_bn(12, affine)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    folded = layer.fold_batchnorm(bn)
+    assert isinstance(folded, CPConv2d) and folded.bias is not None and folded.rank == layer.rank
+    assert (folded.stride, folded.padding, folded.dilation, folded.padding_mode, folded.groups) == (
+        layer.stride, layer.padding, layer.dilation, layer.padding_mode, layer.groups)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())  # self untouched
+    x = torch.randn(2, 8, 11, 13, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(layer(x)), rtol=1e-10, atol=1e-10)
+        # float32, through the fused kernel
+        f32, l32, b32 = folded.float(), copy.deepcopy(layer).float(), copy.deepcopy(bn).float()
+        torch.testing.assert_close(f32(x.float()), b32(l32(x.float())), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_with_fuse_modules_and_bad_input():
+    from torch.ao.quantization import fuse_modules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(CPConv2d(4, 6, 3, rank=3, padding=1), _trained_bn(6).float(), nn.ReLU()).eval()
+    x = torch.randn(1, 4, 7, 7)
+    with torch.no_grad():
+        expected = model(x)
+    fused_model = fuse_modules(model, [["0", "1"]], fuse_custom_config_dict={"additional_fuser_method_mapping": {
+        (CPConv2d, nn.BatchNorm2d): lambda is_qat, conv, bn: conv.fold_batchnorm(bn)}})
+    assert isinstance(fused_model[0], CPConv2d) and isinstance(fused_model[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_model(x), expected, rtol=1e-5, atol=1e-5)
+    layer = CPConv2d(4, 6, 3, rank=3)
+    with pytest.raises(TypeError, match="bn must be an nn.BatchNorm2d, got BatchNorm1d"):
+        layer.fold_batchnorm(nn.BatchNorm1d(6))
+    with pytest.raises(ValueError, match="training mode"):
+        layer.fold_batchnorm(nn.BatchNorm2d(6))
+    with pytest.raises(ValueError, match="no running statistics"):
+        layer.fold_batchnorm(nn.BatchNorm2d(6, track_running_stats=False).eval())
+    with pytest.raises(ValueError, match="bn has 5 features but the layer has 6 output channels"):
+        layer.fold_batchnorm(nn.BatchNorm2d(5).eval())

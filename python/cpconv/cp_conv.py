@@ -340,6 +340,54 @@ class CPConv2d(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
+    def fold_batchnorm(self, bn: nn.Module) -> "CPConv2d":
+        """A new CPConv2d computing ``bn(self(x))`` for an ``nn.BatchNorm2d`` in eval mode (its running
+        statistics folded into the output factor and the bias), as ``fuse_conv_bn_eval`` does for an
+        ``nn.Conv2d``. The layer keeps its rank and geometry and always has a bias; ``self`` and ``bn``
+        are left unchanged. With ``torch.ao.quantization.fuse_modules(model, [["conv", "bn"]],
+        fuse_custom_config_dict={"additional_fuser_method_mapping": {(CPConv2d, nn.BatchNorm2d):
+        lambda is_qat, conv, bn: conv.fold_batchnorm(bn)}})`` whole models are folded by name.
+
+        Raises
+        ------
+        TypeError
+            ``bn`` is not an ``nn.BatchNorm2d``.
+        ValueError
+            ``bn`` is in training mode (it would normalise with batch statistics), keeps no running
+            statistics, or has a number of features other than ``out_channels``.
+        """
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.training:
+            raise ValueError("bn is in training mode (it normalises with batch statistics); fold it in eval mode "
+                             "(model.eval())")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("bn keeps no running statistics (track_running_stats=False): there is nothing to fold")
+        if bn.num_features != self.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but the layer has {self.out_channels} output channels")
+        U = self.out_factor
+        with torch.no_grad():
+            var, mean = bn.running_var.to(torch.float64), bn.running_mean.to(torch.float64)
+            scale = torch.rsqrt(var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.to(torch.float64)
+            shift = -mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.to(torch.float64)
+            bias = shift if self.bias is None else shift + self.bias.to(torch.float64) * scale
+            factors = [(U.to(torch.float64) * scale[:, None]).to(U.dtype), self.in_factor.detach().clone(),
+                       self.vert_factor.detach().clone(), self.horz_factor.detach().clone()]
+        g = self._geometry
+        layer = CPConv2d.from_factors(factors, bias.to(U.dtype), stride=g.stride, padding=g.padding,
+                                      dilation=g.dilation, groups=self.groups, padding_mode=g.padding_mode)
+        layer.train(self.training)
+        layer.use_fused, layer.fused_threads = self.use_fused, self._fused_threads
+        layer.decomposition_info = None if self.decomposition_info is None else dict(self.decomposition_info)
+        for new, old in zip(layer.factors, self.factors):
+            new.requires_grad_(old.requires_grad)
+        layer.bias.requires_grad_(U.requires_grad if self.bias is None else self.bias.requires_grad)
+        return layer
+
     # ------------------------------------------------------------------ costs
     def output_size(self, input_hw: IntOrPair) -> Tuple[int, int]:
         """Output (H', W') for an input of spatial size ``input_hw``."""
