@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 from cpconv import CompressionReport, CPConv2d, accuracy, compress, finetune, load_compressed_state_dict
@@ -491,10 +492,16 @@ def test_load_compressed_state_dict_errors_name_the_layer():
     with pytest.raises(ValueError, match="model is itself an nn.Conv2d"):
         load_compressed_state_dict(nn.Conv2d(16, 32, (3, 5), groups=2),
                                    {k[2:]: v for k, v in sd.items() if k.startswith("2.")})
-    fresh = _grouped_model()
+    fresh = _grouped_model(seed=5)
+    before = copy.deepcopy(fresh.state_dict())
     with pytest.raises(ValueError, match=r"(?s)loading the compressed state_dict failed: .*Unexpected key.*extra"):
         load_compressed_state_dict(fresh, dict(sd, extra=torch.zeros(1)))
-    assert type(fresh[2]) is nn.Conv2d  # the structure as it was
+    assert type(fresh[2]) is nn.Conv2d  # the structure as it was, and the values (load_state_dict had
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # copied layer 0's)
+    pruned_model = copy.deepcopy(model)
+    torch.nn.utils.prune.l1_unstructured(pruned_model[2], "in_factor", amount=0.5)
+    with pytest.raises(ValueError, match=r"2.in_factor_orig and 2.in_factor_mask are there: the layer was pruned"):
+        load_compressed_state_dict(_grouped_model(), pruned_model.state_dict())
     fresh = _grouped_model()
     load_compressed_state_dict(fresh, dict(sd, extra=torch.zeros(1)), strict=False)
     assert isinstance(fresh[2], CPConv2d)

@@ -312,8 +312,8 @@ def compress(
         requested and the achieved ratio.
     **als_options
         ``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg`` go to CP-ALS (as in
-        :meth:`CPConv2d.from_conv`: ``l2_reg="auto"`` by default, a ridge against degenerate components
-        followed by plain iterations); any other keyword (``min_rank``, ``max_rank``, ``multiple_of``,
+        :meth:`CPConv2d.from_conv`: ``l2_reg="auto"`` by default, which replaces a degenerate plain
+        CP-ALS result by a ridge-stabilised one); any other keyword (``min_rank``, ``max_rank``, ``multiple_of``,
         method options) to ``select_rank``.
         ``seed=None`` (default) draws each layer's CP-ALS seed from torch's global RNG: seed torch
         (``torch.manual_seed``) for a reproducible run; a resumed run restores that RNG's state.
@@ -629,9 +629,9 @@ def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, torch.
         ``model`` is not an ``nn.Module`` or ``state_dict`` is not a mapping.
     ValueError
         A layer's factors are incomplete, or their shapes do not fit the conv of that name (the
-        message names the layer, the expected and the found shapes): raised before the model is
-        touched. Or ``load_state_dict`` fails (its message is kept): the replaced convs are put back,
-        though, as with ``load_state_dict`` itself, tensors that matched may have been copied.
+        message names the layer, the expected and the found shapes), or a layer's factors were saved
+        pruned: raised before the model is touched. Or ``load_state_dict`` fails (its message is
+        kept): the model is restored as it was (modules and values).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -647,8 +647,11 @@ def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, torch.
             continue
         if len(present) != len(_FACTOR_NAMES):
             missing = [prefix + f for f in _FACTOR_NAMES if f not in present]
+            pruned = [m for m in missing if m + "_orig" in state_dict]
+            hint = (f" ({pruned[0]}_orig and {pruned[0]}_mask are there: the layer was pruned; apply "
+                    "torch.nn.utils.prune.remove to it before saving the state_dict)") if pruned else ""
             raise ValueError(f"layer {name!r}: state_dict has CP factors {[prefix + f for f in present]} but "
-                             f"not {missing}")
+                             f"not {missing}{hint}")
         if _own_forward(conv):
             raise ValueError(f"layer {name!r} has CP factors in state_dict but the model's conv is "
                              f"{ineligible_reason(conv)}")
@@ -667,6 +670,9 @@ def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, torch.
                 f"(a rank-R layer needs {{'out_factor': (N, R/groups), 'in_factor': (C/groups, R), "
                 f"'vert_factor': (kh, R), 'horz_factor': (kw, R)}}, R a positive multiple of groups={g})")
         planned.append((name, conv, rank))
+    # load_state_dict copies every tensor that fits before it reports what did not: keep the current
+    # values so that a failed call leaves the model exactly as it was.
+    backup = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     replaced = []
     for name, conv, rank in planned:  # (named_modules lists a shared conv once)
         aliases = _aliases(model, conv)
@@ -675,7 +681,8 @@ def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, torch.
     try:
         model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as exc:
-        for alias, conv in replaced:  # the model's structure as it was
+        for alias, conv in replaced:  # the model's structure and values as they were
             model.set_submodule(alias, conv)
+        model.load_state_dict(backup)
         raise ValueError(f"loading the compressed state_dict failed: {exc}") from None
     return [alias for alias, _ in replaced]

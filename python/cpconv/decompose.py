@@ -21,23 +21,25 @@ from .cp_als import check_cp_als_options, cp_als
 from .rank_selection import RankSelection, _kernel_and_groups, select_rank
 
 __all__ = ["decompose_conv", "check_als_options", "SELECT_RANK_OPTIONS", "CP_ALS_OPTIONS", "STABILIZING_L2_REG",
-           "POLISH_TOL"]
+           "POLISH_ROUND", "MAX_DEGENERACY"]
 
 SELECT_RANK_OPTIONS = ("combine", "weakening", "min_rank", "max_rank", "multiple_of", "prior", "sigma2",
                        "energy", "ratio")
 CP_ALS_OPTIONS = ("init", "max_iter", "tol", "seed", "line_search", "l2_reg")
 
-#: ``l2_reg="auto"`` (the default of ``from_conv`` and ``compress``): CP-ALS with the ridge
-#: ``STABILIZING_L2_REG`` (relative, see :func:`cpconv.cp_als`) until it converges, then plain CP-ALS from
-#: there until the error changes by less than ``max(tol, POLISH_TOL)`` (relative) per iteration. On
-#: trained kernels plain CP-ALS often creeps into degenerate, mutually cancelling components (component
-#: norms 10-100x the kernel's): the same CP error, but a layer whose float32 result loses digits and whose
-#: bfloat16/float16 result is useless. The ridge keeps the components apart (CP error within ~0.003 of
-#: plain CP-ALS on trained convs); the plain iterations stop once the error creeps (2-3 iterations on
-#: trained convs) but remove the ridge's bias where a CP of this rank fits closely (an exact rank-R
-#: kernel comes back to ~1e-8, not ~l2_reg).
+#: ``l2_reg="auto"`` (the default of ``from_conv`` and ``compress``): plain CP-ALS, kept when it ends
+#: healthy (``component_norm_ratio`` at most ``MAX_DEGENERACY``). Otherwise CP-ALS again from the same
+#: start with the ridge ``STABILIZING_L2_REG`` (relative, see :func:`cpconv.cp_als`) until it converges,
+#: then plain iterations from there in rounds of ``POLISH_ROUND``, for as long as a round lowers the error
+#: and the decomposition stays healthy. On trained kernels plain CP-ALS often creeps into degenerate,
+#: mutually cancelling components (component norms 10-100x the kernel's) for a negligible gain in CP
+#: error, which costs the layer digits in float32 and makes it useless in bfloat16/float16; the ridge
+#: keeps the components apart (CP error within ~0.003 of the degenerate one) and the guarded polish stops
+#: before they drift together again. (The ridge is not applied from the start: on an exactly low-rank
+#: kernel it can lead plain CP-ALS to another, inexact stationary point.)
 STABILIZING_L2_REG = 1e-3
-POLISH_TOL = 1e-4
+POLISH_ROUND = 25
+MAX_DEGENERACY = 3.0
 
 
 def check_als_options(**options):
@@ -58,10 +60,23 @@ def _cp_als_stabilized(block: np.ndarray, rank: int, options: dict):
     if not isinstance(reg, str):
         result = cp_als(block, rank, l2_reg=reg, **options)
         return result, result.n_iter, result.converged
-    first = cp_als(block, rank, l2_reg=STABILIZING_L2_REG, **options)
-    result = cp_als(block, rank, init=first, max_iter=options.get("max_iter", 500), seed=first.seed,
-                    tol=max(options.get("tol", 1e-6), POLISH_TOL), line_search=options.get("line_search", False))
-    return result, first.n_iter + result.n_iter, first.converged
+    plain = cp_als(block, rank, l2_reg=0.0, **options)
+    if plain.component_norm_ratio <= MAX_DEGENERACY:
+        return plain, plain.n_iter, plain.converged
+    options["seed"] = plain.seed  # the same start (seed=None drew one)
+    result = cp_als(block, rank, l2_reg=STABILIZING_L2_REG, **options)
+    iterations, converged = plain.n_iter + result.n_iter, result.converged
+    limit = max(MAX_DEGENERACY, result.component_norm_ratio)
+    remaining = options.get("max_iter", 500)
+    polish = {k: v for k, v in options.items() if k in ("tol", "line_search")}
+    while remaining > 0:
+        step = cp_als(block, rank, init=result, max_iter=min(POLISH_ROUND, remaining), seed=result.seed, **polish)
+        if step.component_norm_ratio > limit or not step.rel_error <= result.rel_error:
+            break  # components start to cancel (or no gain): keep the last healthy factors
+        result, iterations, remaining = step, iterations + step.n_iter, remaining - step.n_iter
+        if step.converged:
+            break
+    return result, iterations, converged
 
 
 def _balanced(weights: np.ndarray, factors):
@@ -97,12 +112,12 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
         :func:`cpconv.select_rank` options (``combine``, ``weakening``, ``min_rank``, ``max_rank``,
         ``multiple_of``, ``prior``, ``sigma2``, ``energy``, ``ratio``) and :func:`cpconv.cp_als` options
         (``init``, ``max_iter``, ``tol``, ``seed``, ``line_search``, ``l2_reg``). ``l2_reg`` defaults to
-        ``"auto"``: CP-ALS with a ridge of ``STABILIZING_L2_REG`` (1e-3, relative) to convergence, then
-        plain iterations until the error changes by less than ``max(tol, POLISH_TOL)`` (1e-4) per
-        iteration. This keeps trained kernels' decompositions from degenerating into cancelling
-        components (``decomposition_info["degeneracy"]`` about 1-2 instead of 5-100, so the layer also
-        works in bfloat16/float16) at about the same CP error, and still recovers exact low-rank kernels
-        exactly. A number runs :func:`cpconv.cp_als` with that ridge (0: plain CP-ALS).
+        ``"auto"``: plain CP-ALS, kept when its components do not cancel each other (``degeneracy`` at
+        most ``MAX_DEGENERACY`` = 3); otherwise CP-ALS with a ridge of ``STABILIZING_L2_REG`` (1e-3,
+        relative) from the same start, then plain iterations for as long as they lower the error and
+        keep the degeneracy at most 3. Trained kernels' decompositions then have a ``degeneracy`` of
+        about 1-3 instead of 5-100 (so the layer also works in bfloat16/float16) at about the same CP
+        error, and exact low-rank kernels are recovered exactly. A number runs :func:`cpconv.cp_als` with that ridge (0: plain CP-ALS).
 
     Returns
     -------
