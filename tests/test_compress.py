@@ -124,6 +124,9 @@ def test_report_names_the_convs_it_leaves_alone(tmp_path):
     data = report.to_dict()
     del data["skipped"]  # a report written before the field existed
     assert CompressionReport.from_dict(data).skipped == {}
+    for bad in (["0"], {"0": 5}, [["x", "y"]]):
+        with pytest.raises(ValueError, match="malformed compression report: .*skipped must map layer names"):
+            CompressionReport.from_dict(dict(data, skipped=bad))
 
 
 def _singular_values(weight, mode):

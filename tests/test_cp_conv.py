@@ -386,7 +386,10 @@ def test_fold_batchnorm_with_fuse_modules_and_bad_input():
     with torch.no_grad():
         torch.testing.assert_close(fused_model(x), expected, rtol=1e-5, atol=1e-5)
     layer = CPConv2d(4, 6, 3, rank=3)
-    with pytest.raises(TypeError, match="bn must be an nn.BatchNorm2d, got BatchNorm1d"):
+    sync = nn.SyncBatchNorm(6).eval()  # (a model converted for DDP training)
+    sync.load_state_dict(model[1].state_dict())
+    torch.testing.assert_close(layer.fold_batchnorm(sync).out_factor, layer.fold_batchnorm(model[1]).out_factor)
+    with pytest.raises(TypeError, match=r"bn must be an nn.BatchNorm2d \(or an nn.SyncBatchNorm\), got BatchNorm1d"):
         layer.fold_batchnorm(nn.BatchNorm1d(6))
     with pytest.raises(ValueError, match="training mode"):
         layer.fold_batchnorm(nn.BatchNorm2d(6))

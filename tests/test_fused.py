@@ -719,20 +719,25 @@ def test_jit_script_refuses_parametrized_factors_clearly():
 
 
 def test_forked_child_runs_the_kernel_on_one_thread():
-    """libgomp cannot start a multi-threaded region in a child forked after the parent ran one: the
-    kernel must not hang there (it runs single-threaded in a forked child)."""
+    """libgomp cannot start a multi-threaded region in a child forked after the parent ran one: neither
+    the kernel nor PyTorch's ops (which the fused path uses for some padding modes) may hang there."""
     script = textwrap.dedent("""
         import multiprocessing as mp, sys, torch, cpconv
         torch.set_num_threads(1)
         layer = cpconv.CPConv2d(16, 16, 3, rank=8, padding=1).eval()
         layer.fused_threads = 2
+        padded = cpconv.CPConv2d(16, 16, 3, rank=8, padding=1, padding_mode="reflect").eval()
         x = torch.randn(3, 16, 20, 20)
+        big = torch.randn(2, 64, 128, 128)  # large enough for PyTorch to use several threads
         with torch.no_grad():
             expected = layer(x)  # the parent's OpenMP pool now has a second thread
+            expected_padded = padded(x)
 
         def child(queue):
-            with torch.no_grad():
-                queue.put(float((layer(x) - expected).abs().max()))
+            with torch.no_grad():  # the kernel, then PyTorch ops (F.pad of the reflect layer, a big pad)
+                error = max(float((layer(x) - expected).abs().max()), float((padded(x) - expected_padded).abs().max()))
+                torch.nn.functional.pad(big, (1, 1, 1, 1), mode="reflect")
+                queue.put((error, torch.get_num_threads()))
 
         if __name__ == "__main__":
             ctx = mp.get_context("fork")
@@ -743,12 +748,13 @@ def test_forked_child_runs_the_kernel_on_one_thread():
             if p.is_alive():
                 p.kill()
                 sys.exit("the forked child hung")
-            print(queue.get(timeout=5), p.exitcode)
+            error, threads = queue.get(timeout=5)
+            print(error, threads, p.exitcode)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    difference, exitcode = out.stdout.split()
-    assert float(difference) < 1e-5 and exitcode == "0"
+    difference, threads, exitcode = out.stdout.split()
+    assert float(difference) < 1e-5 and threads == "1" and exitcode == "0"
 
 
 def test_single_openmp_runtime_loaded():

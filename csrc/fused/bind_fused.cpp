@@ -141,6 +141,8 @@ void register_fused(py::module_& m) {
           "must be float32 (TypeError otherwise); a non-C-contiguous x is copied.");
     m.def("best_isa", []() { return std::string(cpconv::fused::isa_name(cpconv::fused::best_isa())); },
           "The instruction set 'auto' selects on this CPU.");
+    m.def("ran_multithreaded", &cpconv::fused::ran_multithreaded,
+          "True once a call in this process ran with several OpenMP threads.");
     m.def("supported_isas", []() {
         std::vector<std::string> out;
         for (Isa isa : {Isa::avx512, Isa::avx2, Isa::generic})

@@ -32,12 +32,15 @@ constexpr int64_t kSplitBytesPerThread = int64_t(768) << 10;
 // several threads, a new multi-threaded region waits forever for the parent's pool threads, which
 // the child does not have. In a forked child the kernel therefore runs on the calling thread only.
 std::atomic<bool> g_forked_child{false};
+// Set once a call has run a parallel region with several threads (see ran_multithreaded).
+std::atomic<bool> g_ran_multithreaded{false};
 const bool g_atfork_registered = [] {
     return pthread_atfork(nullptr, nullptr, [] { g_forked_child.store(true, std::memory_order_relaxed); }) == 0;
 }();
 }  // namespace
 
 bool in_forked_child() { return g_forked_child.load(std::memory_order_relaxed); }
+bool ran_multithreaded() { return g_ran_multithreaded.load(std::memory_order_relaxed); }
 
 int64_t PackedWeights::stage1_group_floats() const {
     return round_up(rank / groups, kPanelRows) * (in_channels / groups);
@@ -203,6 +206,8 @@ void run_fused(const CPConvShape& s, const float* x, const PackedWeights& w, flo
     FusedProblem p{s,        x,           y,      &w, p_threads, p_band, p_chunks, split_channels,
                   p_t1_rows, aligned_workspace, p_ws_floats, timing.get()};
     threads = p_threads;
+    if (threads > 1 && !g_ran_multithreaded.load(std::memory_order_relaxed))
+        g_ran_multithreaded.store(true, std::memory_order_relaxed);
     switch (isa) {
         case Isa::avx512: f32_cpconv_fused__avx512(p); break;
         case Isa::avx2: f32_cpconv_fused__avx2(p); break;

@@ -77,6 +77,9 @@ void f32_cpconv_fused__avx512(const FusedProblem& p);
 // True in a process forked from the one that loaded the extension (after fork(), libgomp cannot
 // start multi-threaded regions safely).
 bool in_forked_child();
+// True once a call in this process has run its parallel region with several threads (after which a
+// forked child cannot start multi-threaded OpenMP regions, the kernel's or PyTorch's).
+bool ran_multithreaded();
 
 // Runs the fused kernel: y = CPConv(x) with zero padding. threads >= 1 (1 in a forked child, see
 // in_forked_child). Allocates the per-thread band buffers (reused across calls from the same calling

@@ -351,13 +351,13 @@ class CPConv2d(nn.Module):
         Raises
         ------
         TypeError
-            ``bn`` is not an ``nn.BatchNorm2d``.
+            ``bn`` is not an ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm``.
         ValueError
             ``bn`` is in training mode (it would normalise with batch statistics), keeps no running
             statistics, or has a number of features other than ``out_channels``.
         """
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            raise TypeError(f"bn must be an nn.BatchNorm2d (or an nn.SyncBatchNorm), got {type(bn).__name__}")
         if bn.training:
             raise ValueError("bn is in training mode (it normalises with batch statistics); fold it in eval mode "
                              "(model.eval())")
@@ -616,8 +616,9 @@ class CPConv2d(nn.Module):
         for name in _FACTOR_NAMES + ("bias",):
             if getattr(self, name) is not self._parameters.get(name):
                 raise RuntimeError(f"torch.jit.script cannot compile a CPConv2d whose {name} is parametrized or "
-                                   "pruned; remove the parametrization (e.g. torch.nn.utils.prune.remove) first, "
-                                   "or use torch.jit.trace, torch.compile or torch.export")
+                                   f"pruned ({self!r}); remove the parametrization (e.g. "
+                                   "torch.nn.utils.prune.remove) first, or use torch.jit.trace, torch.compile or "
+                                   "torch.export")
         pre_pad, (ph, pw) = self._stage_padding()
         (sh, sw), (dh, dw) = self.stride, self.dilation
         self._jit_geometry = (sh, sw, dh, dw, ph, pw)

@@ -117,7 +117,8 @@ def decompose_conv(conv: nn.Conv2d, rank: Union[str, int, RankSelection] = "evbm
         relative) from the same start, then plain iterations for as long as they lower the error and
         keep the degeneracy at most 3. Trained kernels' decompositions then have a ``degeneracy`` of
         about 1-3 instead of 5-100 (so the layer also works in bfloat16/float16) at about the same CP
-        error, and exact low-rank kernels are recovered exactly. A number runs :func:`cpconv.cp_als` with that ridge (0: plain CP-ALS).
+        error, and exact low-rank kernels are recovered exactly. ``max_iter`` bounds each of these
+        CP-ALS runs (``decomposition_info["n_iter"]`` counts them all). A number runs :func:`cpconv.cp_als` with that ridge (0: plain CP-ALS).
 
     Returns
     -------

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import operator
+import os
 import threading
 import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -280,6 +281,18 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _after_fork_in_child() -> None:
+    # GNU OpenMP cannot start a multi-threaded region in a child forked after the parent ran one: the
+    # kernel itself then runs single-threaded (in C++), and PyTorch's own ops would hang (the fused path
+    # calls some, e.g. F.pad for non-zero padding modes). Once this process's kernel has run with several
+    # threads, a forked child therefore runs PyTorch on one thread, as DataLoader workers do.
+    if _core.fused.ran_multithreaded():
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> Tuple[int, int]:

@@ -225,7 +225,7 @@ class CompressionReport:
                 settings=dict(data["settings"]),
                 layers=[LayerReport.from_dict(d) for d in data["layers"]],
                 planned_layers=list(data["planned_layers"]),
-                skipped=dict(data.get("skipped", {})),  # (absent from reports of earlier versions)
+                skipped=_name_map(data.get("skipped", {}), "skipped"),  # (absent from earlier versions)
                 metric_before=_float(data["metric_before"]),
                 model_params_before=int(data["model_params_before"]),
                 model_params_after=int(data["model_params_after"]),
@@ -304,6 +304,12 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return self.to_table()
+
+
+def _name_map(value, what: str) -> Dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError(f"{what} must map layer names to reasons (str to str), got {value!r}")
+    return dict(value)
 
 
 def _strict(data):
