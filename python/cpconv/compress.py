@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointState, CompressionCheckpoint, CheckpointError, capture_rng_state, restore_rng_state
 from .conv_args import ConvGeometry
-from .cp_conv import CPConv2d
+from .cp_conv import _FACTOR_NAMES, CPConv2d
 from .decompose import CP_ALS_OPTIONS, check_als_options
 from .rank_selection import COMBINE_RULES, RatioNotMetWarning, check_rank_options, ratio_shortfall, select_rank
 from .report import CompressionReport, LayerReport
@@ -591,9 +591,6 @@ def _replace_by_empty_cp(model: nn.Module, conv: nn.Conv2d, rank: int) -> CPConv
     for alias in _aliases(model, conv):
         model.set_submodule(alias, layer)
     return layer
-
-
-_FACTOR_NAMES = ("out_factor", "in_factor", "vert_factor", "horz_factor")
 
 
 def load_compressed_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,

@@ -375,8 +375,8 @@ class CPConv2d(nn.Module):
             if bn.bias is not None:
                 shift = shift + bn.bias.to(torch.float64)
             bias = shift if self.bias is None else shift + self.bias.to(torch.float64) * scale
-            factors = [(U.to(torch.float64) * scale[:, None]).to(U.dtype), self.in_factor.detach().clone(),
-                       self.vert_factor.detach().clone(), self.horz_factor.detach().clone()]
+            factors = [(U.to(torch.float64) * scale[:, None]).to(U.dtype), self.in_factor.detach(),
+                       self.vert_factor.detach(), self.horz_factor.detach()]  # (from_factors copies)
         g = self._geometry
         layer = CPConv2d.from_factors(factors, bias.to(U.dtype), stride=g.stride, padding=g.padding,
                                       dilation=g.dilation, groups=self.groups, padding_mode=g.padding_mode)
