@@ -508,3 +508,36 @@ def test_load_compressed_state_dict_errors_name_the_layer():
     fresh = _grouped_model()
     load_compressed_state_dict(fresh, dict(sd, extra=torch.zeros(1)), strict=False)
     assert isinstance(fresh[2], CPConv2d)
+
+
+class _TwiceCalled(nn.Module):
+    """One conv applied at two resolutions, and a second one shared under two names."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = planted_conv(8, 8, 3, 2, g)
+        self.b = planted_conv(8, 8, 3, 2, g)
+        self.c = self.b
+
+    def forward(self, x):
+        y = self.a(x) + self.a(x)
+        y = self.a(torch.nn.functional.max_pool2d(y, 2))
+        return self.c(self.b(y))
+
+
+def test_flops_count_every_call_of_a_conv():
+    model = _TwiceCalled()
+    report = compress(model, rank=4, input_shape=(8, 12, 12), progress=False, seed=0, max_iter=20)
+    by_name = {r.name: r for r in report.layers}
+    a, b = by_name["a"], by_name["b"]
+    dense = 8 * 8 * 9  # multiply-adds per output pixel
+    assert a.input_hw == (12, 12) and a.flops_before == dense * (2 * 12 * 12 + 6 * 6)
+    assert b.input_hw == (6, 6) and b.flops_before == dense * 2 * 6 * 6
+    cp_a = model.a.flops((12, 12)) * 2 + model.a.flops((6, 6))
+    assert a.flops_after == cp_a and b.flops_after == 2 * model.b.flops((6, 6))
+    assert report.conv_flops_before == a.flops_before + b.flops_before
+    assert report.conv_flops_after == a.flops_after + b.flops_after
+    inspection = inspect_model(_TwiceCalled(), input_shape=(8, 12, 12))
+    rows = {c.name: c for c in inspection.layers}
+    assert rows["a"].flops_dense == a.flops_before and rows["b"].flops_dense == b.flops_before

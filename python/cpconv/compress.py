@@ -50,20 +50,31 @@ def trace_convs(model: nn.Module, input_shape: Sequence[int]) -> Tuple[List[str]
     -------
     (names, input_hw)
         Names of the ``nn.Conv2d`` and ``CPConv2d`` modules in the order of their first call, and each
-        one's input spatial size ``(H, W)``.
+        one's input spatial size ``(H, W)`` at its first call.
     """
+    order, calls = _trace_conv_calls(model, input_shape)
+    return order, {name: hws[0] for name, hws in calls.items()}
+
+
+def _trace_conv_calls(model: nn.Module, input_shape: Sequence[int]) -> Tuple[List[str], Dict[str, List[Tuple[int, int]]]]:
+    """As :func:`trace_convs`, with the input size of every call of each conv (a module called twice, or
+    shared under several names, is listed under each of its names with all its calls)."""
     shape = _check_input_shape(input_shape)
-    convs = {m: name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPConv2d))}
+    names: Dict[nn.Module, List[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (nn.Conv2d, CPConv2d)):
+            names.setdefault(m, []).append(name)
     order: List[str] = []
-    sizes: Dict[str, Tuple[int, int]] = {}
+    calls: Dict[str, List[Tuple[int, int]]] = {}
 
     def hook(module, args):
-        name = convs[module]
-        if name not in sizes:
-            order.append(name)
-            sizes[name] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+        hw = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+        if names[module][0] not in calls:
+            order.append(names[module][0])
+        for name in names[module]:
+            calls.setdefault(name, []).append(hw)
 
-    handles = [m.register_forward_pre_hook(hook) for m in convs]
+    handles = [m.register_forward_pre_hook(hook) for m in names]
     param = next(model.parameters(), None)
     x = torch.zeros(shape, device=param.device if param is not None else None,
                     dtype=param.dtype if param is not None and param.is_floating_point() else None)
@@ -76,7 +87,7 @@ def trace_convs(model: nn.Module, input_shape: Sequence[int]) -> Tuple[List[str]
         model.train(was_training)
         for h in handles:
             h.remove()
-    return order, sizes
+    return order, calls
 
 
 def _check_input_shape(input_shape) -> Tuple[int, ...]:
@@ -188,13 +199,20 @@ def _layer_flops(module: nn.Module, input_hw: Optional[Tuple[int, int]]) -> Opti
     return module.out_channels * (module.in_channels // module.groups) * kh * kw * oh * ow
 
 
-def _model_conv_flops(model: nn.Module, sizes: Optional[Dict[str, Tuple[int, int]]]) -> Optional[int]:
-    if sizes is None:
+def _calls_flops(module: nn.Module, calls: Optional[Sequence[Tuple[int, int]]]) -> Optional[int]:
+    """Multiply-adds of all of a conv's calls in one forward pass (None when not traced)."""
+    if calls is None:
+        return None
+    return sum(_layer_flops(module, hw) for hw in calls)
+
+
+def _model_conv_flops(model: nn.Module, calls: Optional[Dict[str, List[Tuple[int, int]]]]) -> Optional[int]:
+    if calls is None:
         return None
     total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, CPConv2d)) and name in sizes:
-            total += _layer_flops(m, sizes[name])
+    for name, m in model.named_modules():  # (a shared conv once, with all its calls)
+        if isinstance(m, (nn.Conv2d, CPConv2d)) and name in calls:
+            total += _calls_flops(m, calls[name])
     return total
 
 
@@ -377,9 +395,9 @@ def compress(
     als_kwargs = {k: v for k, v in als_options.items() if k in ALS_OPTIONS}
     selection_kwargs = {k: v for k, v in als_options.items() if k not in ALS_OPTIONS}
 
-    order, sizes = (None, None)
+    order, sizes = (None, None)  # sizes: each conv's input size at every call
     if input_shape is not None:
-        order, sizes = trace_convs(model, input_shape)
+        order, sizes = _trace_conv_calls(model, input_shape)
     names = _resolve_layers(model, layers, order)
     modules = dict(model.named_modules(remove_duplicate=False))
     planned = {id(modules[n]) for n in names}
@@ -501,9 +519,10 @@ def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio
         selected_from = "fixed rank"
     else:
         selected_from = "original weights" if plan is not None else "current weights"
-    input_hw = sizes.get(name) if sizes is not None else None
+    calls = sizes.get(name) if sizes is not None else None
+    input_hw = calls[0] if calls else None
     params_before = _param_count(conv)
-    flops_before = _layer_flops(conv, input_hw)
+    flops_before = _calls_flops(conv, calls)
     common = dict(
         name=name, kernel_shape=tuple(conv.weight.shape), groups=conv.groups, input_hw=input_hw,
         mode_ranks={k: int(v) for k, v in (selection.mode_ranks or {}).items()},
@@ -537,7 +556,7 @@ def _compress_layer(model, name, step, rank, combine, weakening, schedule, ratio
     rel_error = info.get("rel_error")
     return LayerReport(
         **common, rank=int(selection.rank), status="compressed", reason=reason,
-        params_after=_param_count(layer), flops_after=_layer_flops(layer, input_hw),
+        params_after=_param_count(layer), flops_after=_calls_flops(layer, calls),
         rel_error=None if rel_error is None else float(rel_error),
         metric_after_decomposition=metric_decomp, metric_after_finetune=metric_tuned,
         seconds=time.perf_counter() - start)

@@ -24,7 +24,8 @@ class ConvInspection:
     ``params_cp``/``flops_cp`` then equal the dense figures. For a layer that already is a
     ``CPConv2d``, ``rank`` is its rank and ``mode_ranks`` is empty. An ``nn.Conv2d`` subclass with its
     own ``forward``/``_conv_forward``, which :func:`cpconv.compress` never compresses, gets no rank
-    selection: ``rank`` 0, empty ``mode_ranks``, and ``note`` says why.
+    selection: ``rank`` 0, empty ``mode_ranks``, and ``note`` says why. ``flops_*`` count every call
+    of the conv in one forward pass; ``input_hw`` is its input size at the first call.
     """
 
     name: str
@@ -144,7 +145,7 @@ def inspect_model(
         ``input_shape`` fails (e.g. the wrong number of channels, or an image too small).
     """
     from . import select_rank
-    from .compress import _check_input_shape, _layer_flops, _own_forward, ineligible_reason, trace_convs
+    from .compress import _calls_flops, _check_input_shape, _own_forward, _trace_conv_calls, ineligible_reason
 
     source = "model"
     if not isinstance(model, nn.Module):
@@ -155,7 +156,7 @@ def inspect_model(
     if input_shape is not None:
         shape = _check_input_shape(input_shape)
         try:
-            order, sizes = trace_convs(model, shape)
+            order, sizes = _trace_conv_calls(model, shape)
         except Exception as exc:  # noqa: BLE001 -- the model's own forward pass: any failure means a misfit
             first = next(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, CPConv2d))), None)
             expects = ""
@@ -170,16 +171,17 @@ def inspect_model(
         convs.sort(key=lambda nm: pos.get(nm[0], len(pos)))
     layers = []
     for name, m in convs:
-        input_hw = sizes.get(name) if sizes is not None else None
+        calls = sizes.get(name) if sizes is not None else None  # input sizes of all its calls
+        input_hw = calls[0] if calls else None
         if isinstance(m, CPConv2d):
             kernel = (m.out_channels, m.in_channels // m.groups) + tuple(m.kernel_size)
             layers.append(ConvInspection(
                 name, "CPConv2d", kernel, m.groups, input_hw, {}, m.rank, m.dense_parameter_count(),
-                m.parameter_count(), None if input_hw is None else m.dense_flops(input_hw),
-                None if input_hw is None else m.flops(input_hw), "already CP-decomposed"))
+                m.parameter_count(), None if calls is None else sum(m.dense_flops(hw) for hw in calls),
+                _calls_flops(m, calls), "already CP-decomposed"))
             continue
         params_dense = sum(p.numel() for p in m.parameters())
-        flops_dense = _layer_flops(m, input_hw)
+        flops_dense = _calls_flops(m, calls)
         if _own_forward(m):
             layers.append(ConvInspection(
                 name, "Conv2d", tuple(m.weight.shape), m.groups, input_hw, {}, 0, params_dense, params_dense,
@@ -202,7 +204,7 @@ def inspect_model(
                           dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
                           padding_mode=m.padding_mode, device="meta")
             params_cp = cp.parameter_count()
-            flops_cp = None if input_hw is None else cp.flops(input_hw)
+            flops_cp = _calls_flops(cp, calls)
         layers.append(ConvInspection(
             name, "Conv2d", tuple(m.weight.shape), m.groups, input_hw,
             {k: int(v) for k, v in selection.mode_ranks.items()}, rank, params_dense, params_cp,

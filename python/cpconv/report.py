@@ -52,7 +52,9 @@ class LayerReport:
     params_before, params_after
         Parameters of the layer (kernel/factors and bias).
     flops_before, flops_after
-        Multiply-adds for one image, or ``None`` when the input size is unknown.
+        Multiply-adds for one image, over all the layer's calls in one forward pass (a conv applied
+        twice counts twice), or ``None`` when the input size is unknown. ``input_hw`` is the input
+        size at the first call.
     rel_error
         ``||K - K_cp||_F / ||K||_F`` of the CP decomposition, ``None`` for a dense layer.
     metric_after_decomposition, metric_after_finetune
